@@ -1,0 +1,157 @@
+//! The write intent: what a region's capture trigger emits for every write to a
+//! global table, and what every other region's sidecar applies.
+//!
+//! On the wire an intent is one JSON object, carried by a transactional
+//! `pg_logical_emit_message(true, 'foreshadow', ...)`. The extension builds it
+//! in SQL (`foreshadow.capture`); this module is the one place that says what
+//! a well-formed intent is, so that a malformed one is refused with a reason
+//! instead of being half-applied.
+
+use crate::{Hlc, VersionVector};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The logical-decoding message prefix that marks Foreshadow intents.
+pub const MESSAGE_PREFIX: &str = "foreshadow";
+/// Wire format version; bumped on incompatible changes.
+pub const WIRE_VERSION: u32 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+/// Metadata intents travel on their own lane, ahead of data (DESIGN step 6).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IntentClass {
+    #[default]
+    Data,
+    Metadata,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Intent {
+    pub v: u32,
+    pub origin: String,
+    pub hlc: Hlc,
+    pub schema: String,
+    pub table: String,
+    pub op: Op,
+    /// Primary-key columns → values.
+    pub key: Map<String, Value>,
+    /// The new row image; `None` for deletes.
+    pub row: Option<Map<String, Value>>,
+    /// The row's version vector after this write.
+    pub vv: VersionVector,
+    pub strategy: String,
+    #[serde(default)]
+    pub class: IntentClass,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum IntentError {
+    #[error("intent is not valid JSON of the intent shape: {0}")]
+    Shape(String),
+    #[error("intent wire version {0} is not supported (this build reads version {WIRE_VERSION})")]
+    Version(u32),
+    #[error("intent field `{0}` is empty")]
+    Empty(&'static str),
+    #[error("{op:?} intent {detail}")]
+    RowImage { op: Op, detail: &'static str },
+    #[error("intent key column `{0}` is missing from its row image or differs from it")]
+    KeyMismatch(String),
+    #[error("intent's version vector has no entry for its origin `{0}`")]
+    NoOriginEntry(String),
+}
+
+impl Intent {
+    /// Parses and validates one intent as emitted by a capture trigger.
+    pub fn decode(bytes: &[u8]) -> Result<Intent, IntentError> {
+        let intent: Intent = serde_json::from_slice(bytes).map_err(|e| IntentError::Shape(e.to_string()))?;
+        intent.validate()?;
+        Ok(intent)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an intent always serialises")
+    }
+
+    fn validate(&self) -> Result<(), IntentError> {
+        if self.v != WIRE_VERSION {
+            return Err(IntentError::Version(self.v));
+        }
+        for (name, value) in [("origin", &self.origin), ("schema", &self.schema), ("table", &self.table), ("strategy", &self.strategy)] {
+            if value.is_empty() {
+                return Err(IntentError::Empty(name));
+            }
+        }
+        if self.key.is_empty() {
+            return Err(IntentError::Empty("key"));
+        }
+        if self.vv.get(&self.origin) == 0 {
+            return Err(IntentError::NoOriginEntry(self.origin.clone()));
+        }
+        match (&self.op, &self.row) {
+            (Op::Delete, Some(_)) => Err(IntentError::RowImage { op: self.op, detail: "carries a row image" }),
+            (Op::Insert | Op::Update, None) => Err(IntentError::RowImage { op: self.op, detail: "has no row image" }),
+            (_, Some(row)) => match self.key.iter().find(|(k, v)| row.get(*k) != Some(*v)) {
+                Some((k, _)) => Err(IntentError::KeyMismatch(k.clone())),
+                None => Ok(()),
+            },
+            (Op::Delete, None) => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sample() -> Value {
+        json!({
+            "v": 1, "origin": "us-east", "hlc": 42, "schema": "public", "table": "accounts",
+            "op": "update", "key": {"id": 7}, "row": {"id": 7, "balance": 10},
+            "vv": {"us-east": 3}, "strategy": "lww", "class": "data"
+        })
+    }
+
+    fn decode(v: &Value) -> Result<Intent, IntentError> {
+        Intent::decode(v.to_string().as_bytes())
+    }
+
+    #[test]
+    fn round_trips() {
+        let i = decode(&sample()).unwrap();
+        assert_eq!(i.op, Op::Update);
+        assert_eq!(Intent::decode(&i.encode()).unwrap(), i);
+    }
+
+    #[test]
+    fn refuses_malformed() {
+        assert!(matches!(Intent::decode(b"not json"), Err(IntentError::Shape(_))));
+        let mut v = sample();
+        v["v"] = json!(9);
+        assert_eq!(decode(&v), Err(IntentError::Version(9)));
+        let mut v = sample();
+        v["op"] = json!("delete");
+        assert!(matches!(decode(&v), Err(IntentError::RowImage { .. })));
+        let mut v = sample();
+        v["row"]["id"] = json!(8);
+        assert_eq!(decode(&v), Err(IntentError::KeyMismatch("id".into())));
+        let mut v = sample();
+        v["vv"] = json!({"eu": 1});
+        assert_eq!(decode(&v), Err(IntentError::NoOriginEntry("us-east".into())));
+        let mut v = sample();
+        v["extra"] = json!(1);
+        assert!(matches!(decode(&v), Err(IntentError::Shape(_))));
+        let mut v = sample();
+        v["table"] = json!("");
+        assert_eq!(decode(&v), Err(IntentError::Empty("table")));
+    }
+}

@@ -1,0 +1,125 @@
+//! Version vectors: region name → number of writes that region made to a row.
+//!
+//! A `BTreeMap` keeps the entries sorted, so the JSON form (stored beside each
+//! row and carried in intents) is canonical: equal vectors serialise to equal
+//! bytes in every region.
+
+use serde::{Deserialize, Serialize};
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct VersionVector(pub BTreeMap<String, u64>);
+
+/// How two versions of one row relate causally.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Causality {
+    Equal,
+    /// The left version has seen everything the right one has, and more.
+    Dominates,
+    /// The right version has seen everything the left one has, and more.
+    DominatedBy,
+    /// Neither saw the other: a conflict.
+    Concurrent,
+}
+
+impl VersionVector {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn get(&self, region: &str) -> u64 {
+        self.0.get(region).copied().unwrap_or(0)
+    }
+
+    /// Records one more write by `region`.
+    pub fn bump(&mut self, region: &str) {
+        *self.0.entry(region.to_owned()).or_insert(0) += 1;
+    }
+
+    /// Pointwise maximum: the version that has seen both.
+    pub fn merge(&mut self, other: &VersionVector) {
+        for (region, &n) in &other.0 {
+            let e = self.0.entry(region.clone()).or_insert(0);
+            *e = (*e).max(n);
+        }
+    }
+
+    pub fn compare(&self, other: &VersionVector) -> Causality {
+        let mut ord = Ordering::Equal;
+        let regions = self.0.keys().chain(other.0.keys());
+        for region in regions {
+            match (self.get(region).cmp(&other.get(region)), ord) {
+                (Ordering::Equal, _) => {}
+                (o, Ordering::Equal) => ord = o,
+                (o, cur) if o != cur => return Causality::Concurrent,
+                _ => {}
+            }
+        }
+        match ord {
+            Ordering::Equal => Causality::Equal,
+            Ordering::Greater => Causality::Dominates,
+            Ordering::Less => Causality::DominatedBy,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn vv(entries: &[(&str, u64)]) -> VersionVector {
+        VersionVector(entries.iter().map(|(r, n)| (r.to_string(), *n)).collect())
+    }
+
+    #[test]
+    fn compare_cases() {
+        let a = vv(&[("a", 2), ("b", 1)]);
+        assert_eq!(a.compare(&a), Causality::Equal);
+        assert_eq!(a.compare(&vv(&[("a", 1), ("b", 1)])), Causality::Dominates);
+        assert_eq!(a.compare(&vv(&[("a", 2), ("b", 1), ("c", 1)])), Causality::DominatedBy);
+        assert_eq!(a.compare(&vv(&[("a", 1), ("b", 2)])), Causality::Concurrent);
+        assert_eq!(vv(&[]).compare(&vv(&[("a", 0)])), Causality::Equal);
+    }
+
+    #[test]
+    fn json_form_is_canonical() {
+        let mut x = vv(&[("b", 1)]);
+        x.bump("a");
+        assert_eq!(serde_json::to_string(&x).unwrap(), r#"{"a":1,"b":1}"#);
+    }
+
+    fn arb_vv() -> impl Strategy<Value = VersionVector> {
+        prop::collection::btree_map(prop::sample::select(vec!["a", "b", "c"]).prop_map(String::from), 0u64..4, 0..3)
+            .prop_map(VersionVector)
+    }
+
+    proptest! {
+        #[test]
+        fn merge_dominates_or_equals_both(x in arb_vv(), y in arb_vv()) {
+            let mut m = x.clone();
+            m.merge(&y);
+            prop_assert!(matches!(m.compare(&x), Causality::Dominates | Causality::Equal));
+            prop_assert!(matches!(m.compare(&y), Causality::Dominates | Causality::Equal));
+        }
+
+        #[test]
+        fn compare_is_antisymmetric(x in arb_vv(), y in arb_vv()) {
+            let flipped = match x.compare(&y) {
+                Causality::Dominates => Causality::DominatedBy,
+                Causality::DominatedBy => Causality::Dominates,
+                c => c,
+            };
+            prop_assert_eq!(y.compare(&x), flipped);
+        }
+
+        #[test]
+        fn bump_dominates(x in arb_vv()) {
+            let mut b = x.clone();
+            b.bump("a");
+            prop_assert_eq!(b.compare(&x), Causality::Dominates);
+        }
+    }
+}
