@@ -1,1 +1,48 @@
+//! The `foreshadow` extension: PostgreSQL glue only. The rules (clock, version
+//! vectors, last-writer-wins) live in the pure `foreshadow-model` crate; the
+//! tables, views, triggers and SQL API are hand-written SQL in `sql/`.
 
+use pgrx::prelude::*;
+
+mod clock;
+mod errors;
+mod gucs;
+mod versions;
+
+::pgrx::pg_module_magic!();
+
+extension_sql_file!("../../sql/foreshadow.sql", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    // The hybrid logical clock lives in shared memory, which can only be
+    // requested while the postmaster loads preload libraries.
+    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        ereport!(
+            PgLogLevel::ERROR,
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "foreshadow must be loaded via shared_preload_libraries",
+            "Add 'foreshadow' to shared_preload_libraries in postgresql.conf and restart PostgreSQL."
+        );
+    }
+    gucs::init();
+    clock::init();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+mod sql_api_tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![
+            "shared_preload_libraries = 'foreshadow'",
+            "foreshadow.region = 'test-region'",
+            "wal_level = logical",
+        ]
+    }
+}

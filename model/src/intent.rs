@@ -72,7 +72,8 @@ pub enum IntentError {
 impl Intent {
     /// Parses and validates one intent as emitted by a capture trigger.
     pub fn decode(bytes: &[u8]) -> Result<Intent, IntentError> {
-        let intent: Intent = serde_json::from_slice(bytes).map_err(|e| IntentError::Shape(e.to_string()))?;
+        let intent: Intent =
+            serde_json::from_slice(bytes).map_err(|e| IntentError::Shape(e.to_string()))?;
         intent.validate()?;
         Ok(intent)
     }
@@ -85,7 +86,12 @@ impl Intent {
         if self.v != WIRE_VERSION {
             return Err(IntentError::Version(self.v));
         }
-        for (name, value) in [("origin", &self.origin), ("schema", &self.schema), ("table", &self.table), ("strategy", &self.strategy)] {
+        for (name, value) in [
+            ("origin", &self.origin),
+            ("schema", &self.schema),
+            ("table", &self.table),
+            ("strategy", &self.strategy),
+        ] {
             if value.is_empty() {
                 return Err(IntentError::Empty(name));
             }
@@ -97,8 +103,14 @@ impl Intent {
             return Err(IntentError::NoOriginEntry(self.origin.clone()));
         }
         match (&self.op, &self.row) {
-            (Op::Delete, Some(_)) => Err(IntentError::RowImage { op: self.op, detail: "carries a row image" }),
-            (Op::Insert | Op::Update, None) => Err(IntentError::RowImage { op: self.op, detail: "has no row image" }),
+            (Op::Delete, Some(_)) => Err(IntentError::RowImage {
+                op: self.op,
+                detail: "carries a row image",
+            }),
+            (Op::Insert | Op::Update, None) => Err(IntentError::RowImage {
+                op: self.op,
+                detail: "has no row image",
+            }),
             (_, Some(row)) => match self.key.iter().find(|(k, v)| row.get(*k) != Some(*v)) {
                 Some((k, _)) => Err(IntentError::KeyMismatch(k.clone())),
                 None => Ok(()),
@@ -134,7 +146,10 @@ mod tests {
 
     #[test]
     fn refuses_malformed() {
-        assert!(matches!(Intent::decode(b"not json"), Err(IntentError::Shape(_))));
+        assert!(matches!(
+            Intent::decode(b"not json"),
+            Err(IntentError::Shape(_))
+        ));
         let mut v = sample();
         v["v"] = json!(9);
         assert_eq!(decode(&v), Err(IntentError::Version(9)));
@@ -146,7 +161,10 @@ mod tests {
         assert_eq!(decode(&v), Err(IntentError::KeyMismatch("id".into())));
         let mut v = sample();
         v["vv"] = json!({"eu": 1});
-        assert_eq!(decode(&v), Err(IntentError::NoOriginEntry("us-east".into())));
+        assert_eq!(
+            decode(&v),
+            Err(IntentError::NoOriginEntry("us-east".into()))
+        );
         let mut v = sample();
         v["extra"] = json!(1);
         assert!(matches!(decode(&v), Err(IntentError::Shape(_))));

@@ -14,7 +14,9 @@ pub struct Stamp<'a> {
 
 impl Ord for Stamp<'_> {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.hlc.cmp(&other.hlc).then_with(|| self.origin.as_bytes().cmp(other.origin.as_bytes()))
+        self.hlc
+            .cmp(&other.hlc)
+            .then_with(|| self.origin.as_bytes().cmp(other.origin.as_bytes()))
     }
 }
 
@@ -36,7 +38,10 @@ mod tests {
     use proptest::prelude::*;
 
     fn s(hlc: u64, origin: &str) -> Stamp<'_> {
-        Stamp { hlc: Hlc(hlc), origin }
+        Stamp {
+            hlc: Hlc(hlc),
+            origin,
+        }
     }
 
     #[test]

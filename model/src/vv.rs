@@ -79,7 +79,10 @@ mod tests {
         let a = vv(&[("a", 2), ("b", 1)]);
         assert_eq!(a.compare(&a), Causality::Equal);
         assert_eq!(a.compare(&vv(&[("a", 1), ("b", 1)])), Causality::Dominates);
-        assert_eq!(a.compare(&vv(&[("a", 2), ("b", 1), ("c", 1)])), Causality::DominatedBy);
+        assert_eq!(
+            a.compare(&vv(&[("a", 2), ("b", 1), ("c", 1)])),
+            Causality::DominatedBy
+        );
         assert_eq!(a.compare(&vv(&[("a", 1), ("b", 2)])), Causality::Concurrent);
         assert_eq!(vv(&[]).compare(&vv(&[("a", 0)])), Causality::Equal);
     }
@@ -92,8 +95,12 @@ mod tests {
     }
 
     fn arb_vv() -> impl Strategy<Value = VersionVector> {
-        prop::collection::btree_map(prop::sample::select(vec!["a", "b", "c"]).prop_map(String::from), 0u64..4, 0..3)
-            .prop_map(VersionVector)
+        prop::collection::btree_map(
+            prop::sample::select(vec!["a", "b", "c"]).prop_map(String::from),
+            0u64..4,
+            0..3,
+        )
+        .prop_map(VersionVector)
     }
 
     proptest! {

@@ -1,0 +1,151 @@
+//! In-database tests of the SQL API (`cargo pgrx test pg15`).
+
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    fn setup_accounts() {
+        Spi::run("CREATE TABLE public.accounts (id int PRIMARY KEY, owner text, balance bigint)")
+            .unwrap();
+        Spi::run("SELECT foreshadow.make_global('public.accounts'::regclass)").unwrap();
+    }
+
+    #[pg_test]
+    fn make_global_lists_table_with_default_strategy() {
+        setup_accounts();
+        let strategy = Spi::get_one::<String>(
+            "SELECT strategy FROM foreshadow.global_tables WHERE table_name = 'accounts'::regclass",
+        );
+        assert_eq!(strategy, Ok(Some("lww".to_string())));
+    }
+
+    #[pg_test]
+    fn writes_stamp_versions_outside_user_columns() {
+        setup_accounts();
+        Spi::run("INSERT INTO accounts VALUES (1, 'ann', 10)").unwrap();
+        Spi::run("UPDATE accounts SET balance = 20 WHERE id = 1").unwrap();
+        let vv = Spi::get_one::<pgrx::JsonB>(
+            "SELECT vv FROM foreshadow.row_versions WHERE key = '{\"id\": 1}'",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(vv.0, serde_json::json!({"test-region": 2}));
+        let cols = Spi::get_one::<i64>(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'accounts'",
+        );
+        assert_eq!(cols, Ok(Some(3)));
+        Spi::run("DELETE FROM accounts WHERE id = 1").unwrap();
+        let deleted = Spi::get_one::<bool>(
+            "SELECT deleted FROM foreshadow.row_versions WHERE key = '{\"id\": 1}'",
+        );
+        assert_eq!(deleted, Ok(Some(true)));
+    }
+
+    #[pg_test]
+    fn hlc_is_monotonic_and_above_floor() {
+        let a = Spi::get_one::<i64>("SELECT foreshadow.hlc_next(NULL)")
+            .unwrap()
+            .unwrap();
+        let b = Spi::get_one::<i64>("SELECT foreshadow.hlc_next(NULL)")
+            .unwrap()
+            .unwrap();
+        assert!(b > a);
+        let far = b + (1_i64 << 40);
+        let c = Spi::get_one::<i64>(&format!("SELECT foreshadow.hlc_next({far})"))
+            .unwrap()
+            .unwrap();
+        assert!(c > far);
+    }
+
+    #[pg_test]
+    fn remote_intent_applies_only_when_newer() {
+        setup_accounts();
+        let intent = |hlc: i64, balance: i64| {
+            format!(
+                r#"[{{"v":1,"origin":"peer","hlc":{hlc},"schema":"public","table":"accounts","op":"insert","key":{{"id":5}},"row":{{"id":5,"owner":"p","balance":{balance}}},"vv":{{"peer":1}},"strategy":"lww","class":"data"}}]"#
+            )
+        };
+        let applied = Spi::get_one::<i32>(&format!(
+            "SELECT foreshadow.apply_intents('{}')",
+            intent(1000, 7)
+        ));
+        assert_eq!(applied, Ok(Some(1)));
+        let stale = Spi::get_one::<i32>(&format!(
+            "SELECT foreshadow.apply_intents('{}')",
+            intent(999, 8)
+        ));
+        assert_eq!(stale, Ok(Some(0)));
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT balance FROM accounts WHERE id = 5"),
+            Ok(Some(7))
+        );
+    }
+
+    #[pg_test]
+    fn intent_for_unknown_table_goes_to_dead_letters() {
+        let intent = r#"[{"v":1,"origin":"peer","hlc":1,"schema":"public","table":"nope","op":"delete","key":{"id":1},"row":null,"vv":{"peer":1},"strategy":"lww","class":"data"}]"#;
+        assert_eq!(
+            Spi::get_one::<i32>(&format!("SELECT foreshadow.apply_intents('{intent}')")),
+            Ok(Some(0))
+        );
+        let reason = Spi::get_one::<String>("SELECT reason FROM foreshadow.dead_letters")
+            .unwrap()
+            .unwrap();
+        assert!(reason.contains("public.nope"), "{reason}");
+    }
+
+    #[pg_test]
+    fn digest_is_order_independent_and_content_sensitive() {
+        Spi::run("CREATE TABLE t1 (id int PRIMARY KEY, v text); CREATE TABLE t2 (id int PRIMARY KEY, v text)").unwrap();
+        Spi::run("INSERT INTO t1 VALUES (1,'a'),(2,'b'); INSERT INTO t2 VALUES (2,'b'),(1,'a')")
+            .unwrap();
+        let d = |t: &str| {
+            Spi::get_one::<String>(&format!("SELECT foreshadow.table_digest('{t}')"))
+                .unwrap()
+                .unwrap()
+        };
+        assert_eq!(d("t1"), d("t2"));
+        Spi::run("UPDATE t2 SET v = 'c' WHERE id = 2").unwrap();
+        assert_ne!(d("t1"), d("t2"));
+    }
+
+    #[pg_test(error = "table public.nopk has no primary key")]
+    fn refuses_table_without_primary_key() {
+        Spi::run("CREATE TABLE public.nopk (v int)").unwrap();
+        Spi::run("SELECT foreshadow.make_global('public.nopk')").unwrap();
+    }
+
+    #[pg_test(error = "unknown conflict strategy \"fancy\" for table public.accounts")]
+    fn refuses_unknown_strategy() {
+        Spi::run("CREATE TABLE public.accounts (id int PRIMARY KEY)").unwrap();
+        Spi::run("SELECT foreshadow.make_global('public.accounts', strategy => 'fancy')").unwrap();
+    }
+
+    #[pg_test(error = "TRUNCATE is not supported on global table public.accounts")]
+    fn refuses_truncate() {
+        setup_accounts();
+        Spi::run("TRUNCATE accounts").unwrap();
+    }
+
+    #[pg_test(error = "cannot change the primary key of a row of global table public.accounts")]
+    fn refuses_primary_key_update() {
+        setup_accounts();
+        Spi::run("INSERT INTO accounts VALUES (1, 'ann', 10)").unwrap();
+        Spi::run("UPDATE accounts SET id = 2 WHERE id = 1").unwrap();
+    }
+
+    #[pg_test]
+    fn drop_global_removes_capture() {
+        setup_accounts();
+        Spi::run("SELECT foreshadow.drop_global('accounts')").unwrap();
+        Spi::run("INSERT INTO accounts VALUES (1, 'ann', 10)").unwrap();
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM foreshadow.row_versions"),
+            Ok(Some(0))
+        );
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM foreshadow.global_tables"),
+            Ok(Some(0))
+        );
+    }
+}

@@ -1,0 +1,214 @@
+//! The sidecar's configuration file (TOML), parsed strictly and validated
+//! before anything connects: a bad file is refused with the key it is about.
+
+use serde::Deserialize;
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This sidecar's region; must equal `foreshadow.region` on its primary.
+    pub region: String,
+    /// libpq-style connection string of this region's primary.
+    pub primary: String,
+    /// Every other region.
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+    #[serde(default)]
+    pub apply: ApplyConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    pub name: String,
+    /// Connection string of the peer's primary (its intents are read there).
+    pub dsn: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApplyConfig {
+    /// Most decoded rows fetched from a peer per round trip.
+    pub batch_changes: u32,
+    /// Pause between polls of a peer that had nothing new.
+    pub poll_interval_ms: u64,
+    /// Longest wait for one query to a peer before it counts as unreachable.
+    pub peer_timeout_ms: u64,
+    /// Longest pause between reconnection attempts (back-off doubles up to it).
+    pub max_backoff_ms: u64,
+}
+
+impl Default for ApplyConfig {
+    fn default() -> Self {
+        ApplyConfig {
+            batch_changes: 2000,
+            poll_interval_ms: 10,
+            peer_timeout_ms: 10_000,
+            max_backoff_ms: 5_000,
+        }
+    }
+}
+
+impl ApplyConfig {
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms)
+    }
+    pub fn peer_timeout(&self) -> Duration {
+        Duration::from_millis(self.peer_timeout_ms)
+    }
+    pub fn max_backoff(&self) -> Duration {
+        Duration::from_millis(self.max_backoff_ms)
+    }
+}
+
+/// The name a region takes in replication slot names (which allow only
+/// lower-case letters, digits and underscores).
+pub fn slot_safe(region: &str) -> String {
+    region.replace('-', "_")
+}
+
+fn check_region_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 40
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("region name {name:?} must be 1-40 characters of a-z, 0-9, '-' or '_'"),
+        ))
+    }
+}
+
+fn check_dsn(key: &str, dsn: &str) -> Result<(), ConfigError> {
+    tokio_postgres::Config::from_str(dsn)
+        .map(|_| ())
+        .map_err(|e| invalid(key, format!("not a valid connection string: {e}")))
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: shown,
+                message,
+            },
+            other => other,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: String::new(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_region_name("region", &self.region)?;
+        check_dsn("primary", &self.primary)?;
+        let mut slot_names = BTreeSet::from([slot_safe(&self.region)]);
+        for (i, peer) in self.peers.iter().enumerate() {
+            check_region_name(&format!("peers[{i}].name"), &peer.name)?;
+            check_dsn(&format!("peers[{i}].dsn"), &peer.dsn)?;
+            if !slot_names.insert(slot_safe(&peer.name)) {
+                return Err(invalid(
+                    format!("peers[{i}].name"),
+                    format!(
+                        "region {:?} appears twice (or as this sidecar's own region)",
+                        peer.name
+                    ),
+                ));
+            }
+        }
+        let a = &self.apply;
+        if a.batch_changes == 0 {
+            return Err(invalid("apply.batch_changes", "must be at least 1"));
+        }
+        if a.peer_timeout_ms == 0 || a.max_backoff_ms == 0 {
+            return Err(invalid(
+                "apply.peer_timeout_ms/max_backoff_ms",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        region = "us-east"
+        primary = "host=/tmp port=5432 user=postgres dbname=app"
+        [[peers]]
+        name = "eu-west"
+        dsn = "host=10.0.0.2 port=5432 user=foreshadow dbname=app"
+    "#;
+
+    fn err(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn parses_example_with_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.peers[0].name, "eu-west");
+        assert_eq!(c.apply.batch_changes, 2000);
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        Config::parse(include_str!("../foreshadow-sidecar.example.toml")).unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(err(&GOOD.replace("region =", "regoin =")).contains("unknown field `regoin`"));
+        assert!(err(&GOOD.replace("\"us-east\"", "\"US East\"")).contains("`region`"));
+        assert!(
+            err(&GOOD.replace("port=5432 user=foreshadow", "port=notaport user=foreshadow"))
+                .contains("`peers[0].dsn`")
+        );
+        assert!(err(&GOOD.replace("eu-west", "us-east")).contains("`peers[0].name`"));
+        assert!(
+            err(&format!("{GOOD}\n[apply]\nbatch_changes = 0\n")).contains("`apply.batch_changes`")
+        );
+        assert!(err("region = \"a\"").contains("missing field `primary`"));
+    }
+}

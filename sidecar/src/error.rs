@@ -1,0 +1,66 @@
+//! What went wrong while replicating from one peer, and whether waiting and
+//! trying again can help: the retry loop reads the kind, not the message.
+
+use std::fmt;
+
+#[derive(Debug)]
+pub enum Kind {
+    /// Connection lost, timeout, lock conflict, server shutting down: retry.
+    Transient,
+    /// Missing privilege, missing extension, bad setup: retry slowly, but an
+    /// operator has to act.
+    NeedsOperator,
+}
+
+#[derive(Debug)]
+pub struct Error {
+    pub kind: Kind,
+    pub context: String,
+    pub message: String,
+}
+
+impl Error {
+    pub fn from_pg(context: impl Into<String>, e: tokio_postgres::Error) -> Error {
+        let kind = match e.code().map(|c| c.code()) {
+            // 28: authorization; 42: privileges, undefined objects (no
+            // extension, no function); 55: object not in prerequisite state.
+            Some(code)
+                if code.starts_with("28") || code.starts_with("42") || code.starts_with("55") =>
+            {
+                Kind::NeedsOperator
+            }
+            _ => Kind::Transient,
+        };
+        let message = match e.as_db_error() {
+            Some(db) => format!("{}: {}", db.severity(), db.message()),
+            None => e.to_string(),
+        };
+        Error {
+            kind,
+            context: context.into(),
+            message,
+        }
+    }
+
+    pub fn timeout(context: impl Into<String>) -> Error {
+        Error {
+            kind: Kind::Transient,
+            context: context.into(),
+            message: "timed out".into(),
+        }
+    }
+
+    pub fn protocol(context: impl Into<String>, message: impl fmt::Display) -> Error {
+        Error {
+            kind: Kind::NeedsOperator,
+            context: context.into(),
+            message: message.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.context, self.message)
+    }
+}
