@@ -1,1 +1,130 @@
-fn main() {}
+//! `foreshadow-lab`: see `usage()`.
+
+use foreshadow_lab::demo::{self, DemoOptions};
+use foreshadow_lab::{Fault, Lab, UpOptions};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+fn usage() -> &'static str {
+    "usage:
+  foreshadow-lab up --dir DIR --regions N [--wan-ms MS]
+  foreshadow-lab down --dir DIR [--keep]
+  foreshadow-lab fault --dir DIR --region NAME <kill-sidecar|start-sidecar|stop-pg|start-pg|cut|heal>
+  foreshadow-lab demo [--dir DIR] [--regions N] [--wan-ms MS] [--seconds S] [--hot-keys K] [--keep]"
+}
+
+struct Args {
+    command: String,
+    flags: std::collections::BTreeMap<String, String>,
+    positional: Vec<String>,
+}
+
+const SWITCHES: [&str; 1] = ["--keep"];
+
+fn parse() -> Result<Args, String> {
+    let mut it = std::env::args().skip(1);
+    let command = it.next().ok_or_else(|| usage().to_string())?;
+    let mut flags = std::collections::BTreeMap::new();
+    let mut positional = Vec::new();
+    while let Some(a) = it.next() {
+        if SWITCHES.contains(&a.as_str()) {
+            flags.insert(a, String::new());
+        } else if a.starts_with("--") {
+            let v = it.next().ok_or_else(|| format!("{a} needs a value\n{}", usage()))?;
+            flags.insert(a, v);
+        } else {
+            positional.push(a);
+        }
+    }
+    Ok(Args { command, flags, positional })
+}
+
+impl Args {
+    fn get<T: std::str::FromStr>(&self, flag: &str, default: Option<T>) -> Result<T, String> {
+        match self.flags.get(flag) {
+            Some(v) => v.parse().map_err(|_| format!("{flag}: cannot use {v:?}")),
+            None => default.ok_or_else(|| format!("{flag} is required\n{}", usage())),
+        }
+    }
+    fn check_known(&self, known: &[&str]) -> Result<(), String> {
+        match self.flags.keys().find(|k| !known.contains(&k.as_str())) {
+            Some(k) => Err(format!("unknown option {k} for `{}`\n{}", self.command, usage())),
+            None => Ok(()),
+        }
+    }
+}
+
+async fn dispatch(args: Args) -> Result<(), String> {
+    match args.command.as_str() {
+        "up" => {
+            args.check_known(&["--dir", "--regions", "--wan-ms"])?;
+            let lab = Lab::up(UpOptions {
+                dir: args.get("--dir", None)?,
+                regions: args.get("--regions", Some(3))?,
+                wan_ms: args.get("--wan-ms", Some(0))?,
+            })
+            .await?;
+            for r in &lab.spec.regions {
+                println!("{}: {}", r.name, r.dsn);
+            }
+            println!("lab up: {}", lab.dir.join("lab.json").display());
+            Ok(())
+        }
+        "down" => {
+            args.check_known(&["--dir", "--keep"])?;
+            let dir: PathBuf = args.get("--dir", None)?;
+            Lab::open(&dir)?.down(args.flags.contains_key("--keep"))?;
+            println!("lab down: {}", dir.display());
+            Ok(())
+        }
+        "fault" => {
+            args.check_known(&["--dir", "--region"])?;
+            let lab = Lab::open(&args.get::<PathBuf>("--dir", None)?)?;
+            let region: String = args.get("--region", None)?;
+            let [fault] = args.positional.as_slice() else {
+                return Err(format!("fault needs exactly one fault name\n{}", usage()));
+            };
+            lab.fault(&region, fault.parse::<Fault>()?)?;
+            println!("{fault}: done for region {region}");
+            Ok(())
+        }
+        "demo" => {
+            args.check_known(&["--dir", "--regions", "--wan-ms", "--seconds", "--hot-keys", "--keep"])?;
+            let default_dir = std::env::temp_dir().join(format!("foreshadow-demo-{}", std::process::id()));
+            demo::run(DemoOptions {
+                dir: args.get("--dir", Some(default_dir))?,
+                regions: args.get("--regions", Some(3))?,
+                wan_ms: args.get("--wan-ms", Some(40))?,
+                seconds: args.get("--seconds", Some(10))?,
+                hot_keys: args.get("--hot-keys", Some(5))?,
+                keep: args.flags.contains_key("--keep"),
+            })
+            .await
+        }
+        // Internal: the WAN proxy daemon that `up` starts.
+        "proxyd" => {
+            let dir: PathBuf = args.get("--dir", None)?;
+            let spec = foreshadow_lab::spec::LabSpec::load(&dir)?;
+            foreshadow_lab::proxy::serve(dir, spec).await.map_err(|e| format!("proxy: {e}"))
+        }
+        other => Err(format!("unknown command {other:?}\n{}", usage())),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    match rt.block_on(dispatch(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("foreshadow-lab: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! One region's PostgreSQL cluster: initdb, configure, start, stop.
+
+use crate::proc::{as_pg_owner, is_root, run, PG_BIN};
+use std::path::{Path, PathBuf};
+
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+impl Cluster {
+    pub fn new(region_dir: &Path, port: u16) -> Cluster {
+        Cluster { dir: region_dir.to_path_buf(), port }
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.join("postgres.log")
+    }
+
+    pub fn init(&self, region: &str) -> Result<(), String> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
+        if is_root() {
+            run(
+                {
+                    let mut c = std::process::Command::new("chown");
+                    c.args(["postgres:postgres", &self.dir.display().to_string()]);
+                    c
+                },
+                "chown region dir",
+            )?;
+        }
+        let mut initdb = as_pg_owner(&format!("{PG_BIN}/initdb"));
+        initdb.args(["-D", &self.data().display().to_string(), "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C.UTF-8"]);
+        run(initdb, &format!("initdb for region {region}"))?;
+        // Small, fast clusters: several share this machine. fsync is off
+        // because lab clusters are scratch data.
+        let conf = format!(
+            "\n# foreshadow lab\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = ''\n\
+             shared_preload_libraries = 'foreshadow'\nforeshadow.region = '{region}'\n\
+             wal_level = logical\nmax_replication_slots = 16\nmax_wal_senders = 16\n\
+             track_commit_timestamp = on\nshared_buffers = 32MB\nfsync = off\nfull_page_writes = off\n\
+             max_connections = 60\nlog_min_messages = warning\nlog_line_prefix = '%m [%p] %a '\n",
+            port = self.port
+        );
+        let conf_path = self.data().join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path).map_err(|e| e.to_string())?;
+        text.push_str(&conf);
+        std::fs::write(&conf_path, text).map_err(|e| e.to_string())
+    }
+
+    pub fn start(&self) -> Result<(), String> {
+        let mut c = as_pg_owner(&format!("{PG_BIN}/pg_ctl"));
+        c.args(["-D", &self.data().display().to_string(), "-l", &self.log().display().to_string(), "-w", "-t", "60", "start"]);
+        run(c, &format!("starting PostgreSQL in {}", self.dir.display()))
+    }
+
+    /// `mode`: `fast` for a clean stop, `immediate` to simulate a crash.
+    pub fn stop(&self, mode: &str) -> Result<(), String> {
+        let mut c = as_pg_owner(&format!("{PG_BIN}/pg_ctl"));
+        c.args(["-D", &self.data().display().to_string(), "-m", mode, "-w", "stop"]);
+        run(c, &format!("stopping PostgreSQL in {}", self.dir.display()))
+    }
+
+    pub fn running(&self) -> bool {
+        let mut c = as_pg_owner(&format!("{PG_BIN}/pg_ctl"));
+        c.args(["-D", &self.data().display().to_string(), "status"]);
+        c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        c.status().map(|s| s.success()).unwrap_or(false)
+    }
+}

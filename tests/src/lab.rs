@@ -1,0 +1,342 @@
+//! A local multi-region lab: N PostgreSQL clusters, one sidecar each, and
+//! the WAN proxy between them. Everything it starts is recorded under its
+//! directory so that `down` and `fault` (other processes) can find it.
+
+use crate::cluster::Cluster;
+use crate::proc::{self, free_port, sibling_binary, spawn_detached};
+use crate::proxy::cut_flag;
+use crate::spec::{LabSpec, Link, Region};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio_postgres::{Client, NoTls};
+
+pub const DATABASE: &str = "app";
+pub const SIDECAR_ROLE: &str = "foreshadow_sidecar";
+const REGION_NAMES: [&str; 5] = ["us-east", "eu-west", "ap-south", "us-west", "eu-north"];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    KillSidecar,
+    StartSidecar,
+    StopPg,
+    StartPg,
+    Cut,
+    Heal,
+}
+
+impl std::str::FromStr for Fault {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Fault, String> {
+        Ok(match s {
+            "kill-sidecar" => Fault::KillSidecar,
+            "start-sidecar" => Fault::StartSidecar,
+            "stop-pg" => Fault::StopPg,
+            "start-pg" => Fault::StartPg,
+            "cut" => Fault::Cut,
+            "heal" => Fault::Heal,
+            other => {
+                return Err(format!(
+                    "unknown fault {other:?}: use kill-sidecar, start-sidecar, stop-pg, start-pg, cut or heal"
+                ))
+            }
+        })
+    }
+}
+
+pub struct UpOptions {
+    pub dir: PathBuf,
+    pub regions: usize,
+    pub wan_ms: u64,
+}
+
+pub struct Lab {
+    pub dir: PathBuf,
+    pub spec: LabSpec,
+}
+
+pub fn region_name(i: usize) -> String {
+    REGION_NAMES.get(i).map(|s| s.to_string()).unwrap_or_else(|| format!("region-{i}"))
+}
+
+pub async fn connect(dsn: &str) -> Result<Client, String> {
+    let (client, conn) = tokio_postgres::connect(dsn, NoTls).await.map_err(|e| format!("connecting: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+fn admin_dsn(port: u16, db: &str) -> String {
+    format!("host=127.0.0.1 port={port} user=postgres dbname={db} connect_timeout=5")
+}
+
+fn check_fresh_dir(dir: &Path) -> Result<(), String> {
+    if LabSpec::path(dir).exists() {
+        return Err(format!(
+            "{} already holds a lab (lab.json exists): run `foreshadow-lab down --dir {}` first, or choose another --dir",
+            dir.display(),
+            dir.display()
+        ));
+    }
+    if let Ok(mut entries) = std::fs::read_dir(dir) {
+        if entries.next().is_some() {
+            return Err(format!("{} is not empty: choose an empty or new --dir for the lab", dir.display()));
+        }
+    }
+    Ok(())
+}
+
+impl Lab {
+    pub fn open(dir: &Path) -> Result<Lab, String> {
+        Ok(Lab { dir: dir.to_path_buf(), spec: LabSpec::load(dir)? })
+    }
+
+    pub async fn up(opts: UpOptions) -> Result<Lab, String> {
+        if !(1..=8).contains(&opts.regions) {
+            return Err(format!("--regions must be between 1 and 8, not {}", opts.regions));
+        }
+        check_fresh_dir(&opts.dir)?;
+        std::fs::create_dir_all(&opts.dir).map_err(|e| format!("cannot create {}: {e}", opts.dir.display()))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // The clusters run as `postgres` and must reach their own folders.
+            std::fs::set_permissions(&opts.dir, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+        }
+        let dir = std::fs::canonicalize(&opts.dir).map_err(|e| e.to_string())?;
+        let regions: Vec<Region> = (0..opts.regions)
+            .map(|i| {
+                let port = free_port();
+                Region { name: region_name(i), port, dsn: admin_dsn(port, DATABASE) }
+            })
+            .collect();
+        let mut links = Vec::new();
+        for from in &regions {
+            for to in regions.iter().filter(|r| r.name != from.name) {
+                links.push(Link { from: from.name.clone(), to: to.name.clone(), listen_port: free_port(), target_port: to.port });
+            }
+        }
+        let lab = Lab { dir, spec: LabSpec { regions, wan_ms: opts.wan_ms, links } };
+        lab.spec.save(&lab.dir)?;
+        let started = lab.start_all().await;
+        if let Err(e) = started {
+            return Err(format!("{e}\n(the half-started lab is still in {}: `foreshadow-lab down --dir {}` cleans it up)", lab.dir.display(), lab.dir.display()));
+        }
+        Ok(lab)
+    }
+
+    async fn start_all(&self) -> Result<(), String> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .spec
+                .regions
+                .iter()
+                .map(|r| {
+                    s.spawn(move || {
+                        let c = self.cluster(&r.name);
+                        c.init(&r.name)?;
+                        c.start()
+                    })
+                })
+                .collect();
+            handles.into_iter().try_for_each(|h| h.join().expect("init thread"))
+        })?;
+        for r in &self.spec.regions {
+            self.install(r).await?;
+        }
+        let proxy = spawn_detached(
+            {
+                let mut c = std::process::Command::new(sibling_binary("foreshadow-lab"));
+                c.args(["proxyd", "--dir", &self.dir.display().to_string()]);
+                c
+            },
+            &self.dir.join("proxy.log"),
+        )?;
+        std::fs::write(self.dir.join("proxy.pid"), proxy.to_string()).map_err(|e| e.to_string())?;
+        for r in &self.spec.regions {
+            self.start_sidecar(&r.name)?;
+        }
+        self.wait_replicating(Duration::from_secs(60)).await
+    }
+
+    async fn install(&self, r: &Region) -> Result<(), String> {
+        let admin = connect(&admin_dsn(r.port, "postgres")).await?;
+        admin.batch_execute(&format!("CREATE DATABASE {DATABASE}")).await.map_err(|e| format!("{}: {e}", r.name))?;
+        let app = connect(&r.dsn).await?;
+        app.batch_execute(&format!(
+            "CREATE EXTENSION foreshadow; CREATE ROLE {SIDECAR_ROLE} LOGIN REPLICATION; \
+             SELECT foreshadow.grant_sidecar('{SIDECAR_ROLE}');"
+        ))
+        .await
+        .map_err(|e| format!("installing foreshadow in region {}: {e} (is the extension installed? `make install`)", r.name))
+    }
+
+    pub fn cluster(&self, region: &str) -> Cluster {
+        let port = self.spec.region(region).map(|r| r.port).unwrap_or(0);
+        Cluster::new(&self.region_dir(region), port)
+    }
+
+    pub fn region_dir(&self, region: &str) -> PathBuf {
+        self.dir.join(region)
+    }
+
+    fn sidecar_pid_file(&self, region: &str) -> PathBuf {
+        self.region_dir(region).join("sidecar.pid")
+    }
+
+    fn sidecar_pid(&self, region: &str) -> Option<u32> {
+        std::fs::read_to_string(self.sidecar_pid_file(region)).ok()?.trim().parse().ok()
+    }
+
+    pub fn sidecar_config(&self, region: &str) -> Result<String, String> {
+        let me = self.spec.region(region)?;
+        let mut text = format!(
+            "region = \"{}\"\nprimary = \"host=127.0.0.1 port={} user={SIDECAR_ROLE} dbname={DATABASE}\"\n",
+            me.name, me.port
+        );
+        for peer in self.spec.regions.iter().filter(|p| p.name != me.name) {
+            let link = self.spec.link(&me.name, &peer.name);
+            text.push_str(&format!(
+                "\n[[peers]]\nname = \"{}\"\ndsn = \"host=127.0.0.1 port={} user={SIDECAR_ROLE} dbname={DATABASE} connect_timeout=3\"\n",
+                peer.name, link.listen_port
+            ));
+        }
+        text.push_str("\n[apply]\npeer_timeout_ms = 5000\nmax_backoff_ms = 1000\n");
+        Ok(text)
+    }
+
+    pub fn start_sidecar(&self, region: &str) -> Result<(), String> {
+        if let Some(pid) = self.sidecar_pid(region).filter(|&p| proc::alive(p)) {
+            return Err(format!("the sidecar of region {region} is already running (pid {pid})"));
+        }
+        let config = self.region_dir(region).join("sidecar.toml");
+        std::fs::write(&config, self.sidecar_config(region)?).map_err(|e| e.to_string())?;
+        let mut cmd = std::process::Command::new(sibling_binary("foreshadow-sidecar"));
+        cmd.args(["--config", &config.display().to_string()]);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        let pid = spawn_detached(cmd, &self.region_dir(region).join("sidecar.log"))?;
+        std::fs::write(self.sidecar_pid_file(region), pid.to_string()).map_err(|e| e.to_string())
+    }
+
+    /// Waits until every sidecar has its slot on every peer: from then on,
+    /// every committed write reaches every region.
+    pub async fn wait_replicating(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        for r in &self.spec.regions {
+            let expected = self.spec.regions.len() - 1;
+            loop {
+                let n = match connect(&r.dsn).await {
+                    Ok(c) => c
+                        .query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'foreshadow\\_%'", &[])
+                        .await
+                        .map(|row| row.get::<_, i64>(0) as usize)
+                        .unwrap_or(0),
+                    Err(_) => 0,
+                };
+                if n >= expected {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "region {} has {n} of {expected} peer slots after {timeout:?}; see {}/*/sidecar.log",
+                        r.name,
+                        self.dir.display()
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn fault(&self, region: &str, fault: Fault) -> Result<(), String> {
+        self.spec.region(region)?;
+        match fault {
+            Fault::KillSidecar => match self.sidecar_pid(region) {
+                Some(pid) if proc::alive(pid) => {
+                    proc::signal(pid, "KILL");
+                    while proc::alive(pid) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Ok(())
+                }
+                _ => Err(format!("the sidecar of region {region} is not running")),
+            },
+            Fault::StartSidecar => self.start_sidecar(region),
+            Fault::StopPg => self.cluster(region).stop("immediate"),
+            Fault::StartPg => self.cluster(region).start(),
+            Fault::Cut => std::fs::write(cut_flag(&self.dir, region), b"").map_err(|e| e.to_string()),
+            Fault::Heal => match std::fs::remove_file(cut_flag(&self.dir, region)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// Stops everything the lab started; removes its directory unless `keep`.
+    pub fn down(&self, keep: bool) -> Result<(), String> {
+        for r in &self.spec.regions {
+            if let Some(pid) = self.sidecar_pid(&r.name) {
+                proc::stop(pid, Duration::from_secs(10));
+            }
+        }
+        if let Some(pid) = std::fs::read_to_string(self.dir.join("proxy.pid")).ok().and_then(|p| p.trim().parse().ok()) {
+            proc::stop(pid, Duration::from_secs(2));
+        }
+        for r in &self.spec.regions {
+            let c = self.cluster(&r.name);
+            if c.running() {
+                c.stop("fast")?;
+            }
+        }
+        if keep {
+            std::fs::remove_file(LabSpec::path(&self.dir)).map_err(|e| e.to_string())
+        } else {
+            std::fs::remove_dir_all(&self.dir).map_err(|e| format!("cannot remove {}: {e}", self.dir.display()))
+        }
+    }
+
+    pub async fn client(&self, region: &str) -> Result<Client, String> {
+        connect(&self.spec.region(region)?.dsn).await.map_err(|e| format!("region {region}: {e}"))
+    }
+
+    /// Runs the same SQL in every region (global tables have the same schema everywhere).
+    pub async fn everywhere(&self, sql: &str) -> Result<(), String> {
+        for r in &self.spec.regions {
+            self.client(&r.name).await?.batch_execute(sql).await.map_err(|e| format!("region {}: {e}", r.name))?;
+        }
+        Ok(())
+    }
+
+    /// Each region's `foreshadow.table_digest` of `table`.
+    pub async fn digests(&self, table: &str) -> Result<Vec<(String, String)>, String> {
+        let mut out = Vec::new();
+        for r in &self.spec.regions {
+            let c = self.client(&r.name).await?;
+            let row = c
+                .query_one("SELECT foreshadow.table_digest($1::text::regclass)", &[&table])
+                .await
+                .map_err(|e| format!("region {}: {e}", r.name))?;
+            out.push((r.name.clone(), row.get(0)));
+        }
+        Ok(out)
+    }
+
+    /// Waits until `table` has the same digest in every region.
+    pub async fn wait_converged(&self, table: &str, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let digests = self.digests(table).await;
+            if let Ok(d) = &digests {
+                if d.iter().all(|(_, x)| *x == d[0].1) {
+                    return Ok(d[0].1.clone());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{table} did not converge within {timeout:?}: {digests:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}

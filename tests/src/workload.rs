@@ -1,0 +1,100 @@
+//! Writers that tests and the demo run against a lab.
+
+use crate::lab::Lab;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The table the demo and the tests write.
+pub const ACCOUNTS_DDL: &str = "CREATE TABLE public.accounts (id bigint PRIMARY KEY, region text NOT NULL, \
+     balance bigint NOT NULL, note text); SELECT foreshadow.make_global('public.accounts');";
+
+/// A small deterministic pseudo-random sequence (xorshift), enough to pick hot keys.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Counts of what one region's writer committed.
+#[derive(Default)]
+pub struct WriterStats {
+    pub inserts: AtomicU64,
+    pub hot_updates: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// Inserts unique keys ((region index + 1) × 10⁹ + n) and, if `hot_keys > 0`,
+/// updates one of keys 1..=hot_keys after every insert, until `stop`. A
+/// failed write (region down) is counted and retried after a pause: only
+/// committed writes count.
+pub async fn write_until(
+    lab: &Lab,
+    region_index: usize,
+    hot_keys: u64,
+    stop: Arc<AtomicBool>,
+    stats: Arc<WriterStats>,
+) -> Result<(), String> {
+    let region = lab.spec.regions[region_index].name.clone();
+    let mut rng = Rng::new(region_index as u64 * 7919 + 1);
+    let mut n: i64 = 0;
+    let mut client = None;
+    while !stop.load(Ordering::Relaxed) {
+        if client.is_none() {
+            client = lab.client(&region).await.ok();
+            if client.is_none() {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        }
+        let c = client.as_ref().expect("connected");
+        let id = (region_index as i64 + 1) * 1_000_000_000 + n;
+        let ok = c
+            .execute("INSERT INTO accounts VALUES ($1, $2, 0, 'insert')", &[&id, &region])
+            .await
+            .is_ok();
+        if !ok {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+            client = None;
+            continue;
+        }
+        n += 1;
+        stats.inserts.fetch_add(1, Ordering::Relaxed);
+        if hot_keys > 0 {
+            let key = (rng.next() % hot_keys + 1) as i64;
+            let balance = (rng.next() % 1000) as i64;
+            let r = c
+                .execute(
+                    "INSERT INTO accounts VALUES ($1, $2, $3, 'hot') \
+                     ON CONFLICT (id) DO UPDATE SET region = EXCLUDED.region, balance = EXCLUDED.balance",
+                    &[&key, &region, &balance],
+                )
+                .await;
+            match r {
+                Ok(_) => stats.hot_updates.fetch_add(1, Ordering::Relaxed),
+                Err(_) => stats.errors.fetch_add(1, Ordering::Relaxed),
+            };
+        }
+    }
+    Ok(())
+}
+
+/// An independent check of convergence: md5 over the rows in key order,
+/// computed without any Foreshadow function.
+pub async fn plain_md5(lab: &Lab, region: &str, table: &str) -> Result<String, String> {
+    let c = lab.client(region).await?;
+    let row = c
+        .query_one(&format!("SELECT md5(coalesce(string_agg(t::text, ',' ORDER BY t.id), '')) FROM {table} t"), &[])
+        .await
+        .map_err(|e| format!("region {region}: {e}"))?;
+    Ok(row.get(0))
+}
