@@ -52,6 +52,16 @@ CREATE TABLE foreshadow.dead_letters (
     intent      text NOT NULL
 );
 
+-- What this region has received from each peer region: every intent counts
+-- once, in the transaction that applies it, so these figures are exact even
+-- across sidecar crashes (a test relies on that).
+CREATE TABLE foreshadow.peer_stats (
+    origin          text PRIMARY KEY,
+    intents         bigint NOT NULL,
+    changed_rows    bigint NOT NULL,
+    last_applied_at timestamptz NOT NULL
+);
+
 -- Intents leave through logical decoding as pgoutput messages; the
 -- publication has no tables, so ordinary row changes are not decoded out.
 CREATE PUBLICATION foreshadow_intents;
@@ -338,6 +348,15 @@ BEGIN
             n := n + 1;
         END IF;
     END LOOP;
+    -- A batch holds one peer's intents (applied writes are never re-emitted).
+    IF jsonb_array_length(intents) > 0 THEN
+        INSERT INTO foreshadow.peer_stats AS s (origin, intents, changed_rows, last_applied_at)
+        VALUES (intents -> 0 ->> 'origin', jsonb_array_length(intents), n, now())
+        ON CONFLICT (origin) DO UPDATE
+           SET intents = s.intents + EXCLUDED.intents,
+               changed_rows = s.changed_rows + EXCLUDED.changed_rows,
+               last_applied_at = EXCLUDED.last_applied_at;
+    END IF;
     RETURN n;
 END
 $$;
@@ -410,4 +429,4 @@ REVOKE EXECUTE ON FUNCTION foreshadow.make_global(regclass, text), foreshadow.dr
     foreshadow.apply_intents(jsonb), foreshadow.reject_intent(text, text, text),
     foreshadow.grant_sidecar(regrole), foreshadow.hlc_observe(bigint) FROM PUBLIC;
 GRANT USAGE ON SCHEMA foreshadow TO PUBLIC;
-GRANT SELECT ON foreshadow.global_tables, foreshadow.strategies TO PUBLIC;
+GRANT SELECT ON foreshadow.global_tables, foreshadow.strategies, foreshadow.peer_stats TO PUBLIC;

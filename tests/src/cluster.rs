@@ -10,7 +10,10 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(region_dir: &Path, port: u16) -> Cluster {
-        Cluster { dir: region_dir.to_path_buf(), port }
+        Cluster {
+            dir: region_dir.to_path_buf(),
+            port,
+        }
     }
 
     pub fn data(&self) -> PathBuf {
@@ -22,7 +25,8 @@ impl Cluster {
     }
 
     pub fn init(&self, region: &str) -> Result<(), String> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
         if is_root() {
             run(
                 {
@@ -34,7 +38,15 @@ impl Cluster {
             )?;
         }
         let mut initdb = as_pg_owner(&format!("{PG_BIN}/initdb"));
-        initdb.args(["-D", &self.data().display().to_string(), "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C.UTF-8"]);
+        initdb.args([
+            "-D",
+            &self.data().display().to_string(),
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+        ]);
         run(initdb, &format!("initdb for region {region}"))?;
         // Small, fast clusters: several share this machine. fsync is off
         // because lab clusters are scratch data.
@@ -54,21 +66,38 @@ impl Cluster {
 
     pub fn start(&self) -> Result<(), String> {
         let mut c = as_pg_owner(&format!("{PG_BIN}/pg_ctl"));
-        c.args(["-D", &self.data().display().to_string(), "-l", &self.log().display().to_string(), "-w", "-t", "60", "start"]);
+        c.args([
+            "-D",
+            &self.data().display().to_string(),
+            "-l",
+            &self.log().display().to_string(),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        ]);
         run(c, &format!("starting PostgreSQL in {}", self.dir.display()))
     }
 
     /// `mode`: `fast` for a clean stop, `immediate` to simulate a crash.
     pub fn stop(&self, mode: &str) -> Result<(), String> {
         let mut c = as_pg_owner(&format!("{PG_BIN}/pg_ctl"));
-        c.args(["-D", &self.data().display().to_string(), "-m", mode, "-w", "stop"]);
+        c.args([
+            "-D",
+            &self.data().display().to_string(),
+            "-m",
+            mode,
+            "-w",
+            "stop",
+        ]);
         run(c, &format!("stopping PostgreSQL in {}", self.dir.display()))
     }
 
     pub fn running(&self) -> bool {
         let mut c = as_pg_owner(&format!("{PG_BIN}/pg_ctl"));
         c.args(["-D", &self.data().display().to_string(), "status"]);
-        c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        c.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
         c.status().map(|s| s.success()).unwrap_or(false)
     }
 }

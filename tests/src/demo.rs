@@ -24,12 +24,29 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
         opts.regions, opts.wan_ms, opts.seconds
     );
     let t0 = Instant::now();
-    let lab = Lab::up(UpOptions { dir: opts.dir.clone(), regions: opts.regions, wan_ms: opts.wan_ms }).await?;
-    println!("   lab up in {:.1} s at {} (regions: {})", t0.elapsed().as_secs_f64(), lab.dir.display(),
-        lab.spec.regions.iter().map(|r| format!("{} :{}", r.name, r.port)).collect::<Vec<_>>().join(", "));
+    let lab = Lab::up(UpOptions {
+        dir: opts.dir.clone(),
+        regions: opts.regions,
+        wan_ms: opts.wan_ms,
+    })
+    .await?;
+    println!(
+        "   lab up in {:.1} s at {} (regions: {})",
+        t0.elapsed().as_secs_f64(),
+        lab.dir.display(),
+        lab.spec
+            .regions
+            .iter()
+            .map(|r| format!("{} :{}", r.name, r.port))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let result = drive(&lab, &opts).await;
     if opts.keep {
-        println!("   lab left running: foreshadow-lab down --dir {}", lab.dir.display());
+        println!(
+            "   lab left running: foreshadow-lab down --dir {}",
+            lab.dir.display()
+        );
     } else {
         lab.down(false)?;
     }
@@ -44,16 +61,26 @@ async fn drive(lab: &Lab, opts: &DemoOptions) -> Result<(), String> {
     let lab = Arc::new(Lab::open(&lab.dir)?);
     let writers: Vec<_> = (0..lab.spec.regions.len())
         .map(|i| {
-            let (lab, stop, stats, hot) = (lab.clone(), stop.clone(), stats[i].clone(), opts.hot_keys);
+            let (lab, stop, stats, hot) =
+                (lab.clone(), stop.clone(), stats[i].clone(), opts.hot_keys);
             tokio::spawn(async move { write_until(&lab, i, hot, stop, stats).await })
         })
         .collect();
-    println!("== writing from every region at once; keys 1..={} are hot in all regions (conflicts)", opts.hot_keys);
+    println!(
+        "== writing from every region at once; keys 1..={} are hot in all regions (conflicts)",
+        opts.hot_keys
+    );
     for s in 1..=opts.seconds {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let mut line = format!("   t={s:>2}s");
         for (r, st) in lab.spec.regions.iter().zip(&stats) {
-            let rows: i64 = lab.client(&r.name).await?.query_one("SELECT count(*) FROM accounts", &[]).await.map(|x| x.get(0)).unwrap_or(-1);
+            let rows: i64 = lab
+                .client(&r.name)
+                .await?
+                .query_one("SELECT count(*) FROM accounts", &[])
+                .await
+                .map(|x| x.get(0))
+                .unwrap_or(-1);
             line.push_str(&format!(
                 "  {}: {} writes, {} rows visible",
                 r.name,
@@ -69,13 +96,24 @@ async fn drive(lab: &Lab, opts: &DemoOptions) -> Result<(), String> {
     }
     let stopped = Instant::now();
     println!("== writes stopped; waiting for every region to converge");
-    let digest = lab.wait_converged("public.accounts", Duration::from_secs(120)).await?;
+    let digest = lab
+        .wait_converged("public.accounts", Duration::from_secs(120))
+        .await?;
     let converge_ms = stopped.elapsed().as_millis();
-    println!("   {:<10} {:<34} {:<34} {}", "region", "foreshadow.table_digest", "md5 of rows in key order", "rows");
+    println!(
+        "   {:<10} {:<34} {:<34} {}",
+        "region", "foreshadow.table_digest", "md5 of rows in key order", "rows"
+    );
     let mut plain = Vec::new();
     for r in &lab.spec.regions {
         let md5 = plain_md5(&lab, &r.name, "accounts").await?;
-        let rows: i64 = lab.client(&r.name).await?.query_one("SELECT count(*) FROM accounts", &[]).await.map_err(|e| e.to_string())?.get(0);
+        let rows: i64 = lab
+            .client(&r.name)
+            .await?
+            .query_one("SELECT count(*) FROM accounts", &[])
+            .await
+            .map_err(|e| e.to_string())?
+            .get(0);
         println!("   {:<10} {:<34} {:<34} {}", r.name, digest, md5, rows);
         plain.push(md5);
     }
@@ -94,10 +132,22 @@ async fn drive(lab: &Lab, opts: &DemoOptions) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     println!("== hot keys: the last writer (highest hybrid logical clock, then region) won in every region");
     for w in winners {
-        println!("   id={:<3} balance={:<4} written by {:<9} at hlc {}", w.get::<_, i64>(0), w.get::<_, i64>(2), w.get::<_, String>(3), w.get::<_, String>(4));
+        println!(
+            "   id={:<3} balance={:<4} written by {:<9} at hlc {}",
+            w.get::<_, i64>(0),
+            w.get::<_, i64>(2),
+            w.get::<_, String>(3),
+            w.get::<_, String>(4)
+        );
     }
-    let total: u64 = stats.iter().map(|s| s.inserts.load(Ordering::Relaxed) + s.hot_updates.load(Ordering::Relaxed)).sum();
-    let hot: u64 = stats.iter().map(|s| s.hot_updates.load(Ordering::Relaxed)).sum();
+    let total: u64 = stats
+        .iter()
+        .map(|s| s.inserts.load(Ordering::Relaxed) + s.hot_updates.load(Ordering::Relaxed))
+        .sum();
+    let hot: u64 = stats
+        .iter()
+        .map(|s| s.hot_updates.load(Ordering::Relaxed))
+        .sum();
     println!(
         "== summary: {total} committed writes ({hot} to hot keys) in {} regions; converged {converge_ms} ms after writes stopped; all digests equal",
         lab.spec.regions.len()

@@ -55,11 +55,16 @@ pub struct Lab {
 }
 
 pub fn region_name(i: usize) -> String {
-    REGION_NAMES.get(i).map(|s| s.to_string()).unwrap_or_else(|| format!("region-{i}"))
+    REGION_NAMES
+        .get(i)
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| format!("region-{i}"))
 }
 
 pub async fn connect(dsn: &str) -> Result<Client, String> {
-    let (client, conn) = tokio_postgres::connect(dsn, NoTls).await.map_err(|e| format!("connecting: {e}"))?;
+    let (client, conn) = tokio_postgres::connect(dsn, NoTls)
+        .await
+        .map_err(|e| format!("connecting: {e}"))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -80,7 +85,10 @@ fn check_fresh_dir(dir: &Path) -> Result<(), String> {
     }
     if let Ok(mut entries) = std::fs::read_dir(dir) {
         if entries.next().is_some() {
-            return Err(format!("{} is not empty: choose an empty or new --dir for the lab", dir.display()));
+            return Err(format!(
+                "{} is not empty: choose an empty or new --dir for the lab",
+                dir.display()
+            ));
         }
     }
     Ok(())
@@ -88,34 +96,58 @@ fn check_fresh_dir(dir: &Path) -> Result<(), String> {
 
 impl Lab {
     pub fn open(dir: &Path) -> Result<Lab, String> {
-        Ok(Lab { dir: dir.to_path_buf(), spec: LabSpec::load(dir)? })
+        Ok(Lab {
+            dir: dir.to_path_buf(),
+            spec: LabSpec::load(dir)?,
+        })
     }
 
     pub async fn up(opts: UpOptions) -> Result<Lab, String> {
         if !(1..=8).contains(&opts.regions) {
-            return Err(format!("--regions must be between 1 and 8, not {}", opts.regions));
+            return Err(format!(
+                "--regions must be between 1 and 8, not {}",
+                opts.regions
+            ));
         }
         check_fresh_dir(&opts.dir)?;
-        std::fs::create_dir_all(&opts.dir).map_err(|e| format!("cannot create {}: {e}", opts.dir.display()))?;
+        std::fs::create_dir_all(&opts.dir)
+            .map_err(|e| format!("cannot create {}: {e}", opts.dir.display()))?;
         {
             use std::os::unix::fs::PermissionsExt;
             // The clusters run as `postgres` and must reach their own folders.
-            std::fs::set_permissions(&opts.dir, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+            std::fs::set_permissions(&opts.dir, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| e.to_string())?;
         }
         let dir = std::fs::canonicalize(&opts.dir).map_err(|e| e.to_string())?;
         let regions: Vec<Region> = (0..opts.regions)
             .map(|i| {
                 let port = free_port();
-                Region { name: region_name(i), port, dsn: admin_dsn(port, DATABASE) }
+                Region {
+                    name: region_name(i),
+                    port,
+                    dsn: admin_dsn(port, DATABASE),
+                }
             })
             .collect();
         let mut links = Vec::new();
         for from in &regions {
             for to in regions.iter().filter(|r| r.name != from.name) {
-                links.push(Link { from: from.name.clone(), to: to.name.clone(), listen_port: free_port(), target_port: to.port });
+                links.push(Link {
+                    from: from.name.clone(),
+                    to: to.name.clone(),
+                    listen_port: free_port(),
+                    target_port: to.port,
+                });
             }
         }
-        let lab = Lab { dir, spec: LabSpec { regions, wan_ms: opts.wan_ms, links } };
+        let lab = Lab {
+            dir,
+            spec: LabSpec {
+                regions,
+                wan_ms: opts.wan_ms,
+                links,
+            },
+        };
         lab.spec.save(&lab.dir)?;
         let started = lab.start_all().await;
         if let Err(e) = started {
@@ -138,7 +170,9 @@ impl Lab {
                     })
                 })
                 .collect();
-            handles.into_iter().try_for_each(|h| h.join().expect("init thread"))
+            handles
+                .into_iter()
+                .try_for_each(|h| h.join().expect("init thread"))
         })?;
         for r in &self.spec.regions {
             self.install(r).await?;
@@ -160,7 +194,10 @@ impl Lab {
 
     async fn install(&self, r: &Region) -> Result<(), String> {
         let admin = connect(&admin_dsn(r.port, "postgres")).await?;
-        admin.batch_execute(&format!("CREATE DATABASE {DATABASE}")).await.map_err(|e| format!("{}: {e}", r.name))?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {DATABASE}"))
+            .await
+            .map_err(|e| format!("{}: {e}", r.name))?;
         let app = connect(&r.dsn).await?;
         app.batch_execute(&format!(
             "CREATE EXTENSION foreshadow; CREATE ROLE {SIDECAR_ROLE} LOGIN REPLICATION; \
@@ -184,7 +221,11 @@ impl Lab {
     }
 
     fn sidecar_pid(&self, region: &str) -> Option<u32> {
-        std::fs::read_to_string(self.sidecar_pid_file(region)).ok()?.trim().parse().ok()
+        std::fs::read_to_string(self.sidecar_pid_file(region))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     pub fn sidecar_config(&self, region: &str) -> Result<String, String> {
@@ -205,11 +246,18 @@ impl Lab {
     }
 
     pub fn start_sidecar(&self, region: &str) -> Result<(), String> {
+        self.start_sidecar_with(region, &self.sidecar_config(region)?)
+    }
+
+    /// Starts a region's sidecar with the given configuration text.
+    pub fn start_sidecar_with(&self, region: &str, config_text: &str) -> Result<(), String> {
         if let Some(pid) = self.sidecar_pid(region).filter(|&p| proc::alive(p)) {
-            return Err(format!("the sidecar of region {region} is already running (pid {pid})"));
+            return Err(format!(
+                "the sidecar of region {region} is already running (pid {pid})"
+            ));
         }
         let config = self.region_dir(region).join("sidecar.toml");
-        std::fs::write(&config, self.sidecar_config(region)?).map_err(|e| e.to_string())?;
+        std::fs::write(&config, config_text).map_err(|e| e.to_string())?;
         let mut cmd = std::process::Command::new(sibling_binary("foreshadow-sidecar"));
         cmd.args(["--config", &config.display().to_string()]);
         if std::env::var_os("RUST_LOG").is_none() {
@@ -266,7 +314,9 @@ impl Lab {
             Fault::StartSidecar => self.start_sidecar(region),
             Fault::StopPg => self.cluster(region).stop("immediate"),
             Fault::StartPg => self.cluster(region).start(),
-            Fault::Cut => std::fs::write(cut_flag(&self.dir, region), b"").map_err(|e| e.to_string()),
+            Fault::Cut => {
+                std::fs::write(cut_flag(&self.dir, region), b"").map_err(|e| e.to_string())
+            }
             Fault::Heal => match std::fs::remove_file(cut_flag(&self.dir, region)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
                 _ => Ok(()),
@@ -281,7 +331,10 @@ impl Lab {
                 proc::stop(pid, Duration::from_secs(10));
             }
         }
-        if let Some(pid) = std::fs::read_to_string(self.dir.join("proxy.pid")).ok().and_then(|p| p.trim().parse().ok()) {
+        if let Some(pid) = std::fs::read_to_string(self.dir.join("proxy.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+        {
             proc::stop(pid, Duration::from_secs(2));
         }
         for r in &self.spec.regions {
@@ -293,18 +346,25 @@ impl Lab {
         if keep {
             std::fs::remove_file(LabSpec::path(&self.dir)).map_err(|e| e.to_string())
         } else {
-            std::fs::remove_dir_all(&self.dir).map_err(|e| format!("cannot remove {}: {e}", self.dir.display()))
+            std::fs::remove_dir_all(&self.dir)
+                .map_err(|e| format!("cannot remove {}: {e}", self.dir.display()))
         }
     }
 
     pub async fn client(&self, region: &str) -> Result<Client, String> {
-        connect(&self.spec.region(region)?.dsn).await.map_err(|e| format!("region {region}: {e}"))
+        connect(&self.spec.region(region)?.dsn)
+            .await
+            .map_err(|e| format!("region {region}: {e}"))
     }
 
     /// Runs the same SQL in every region (global tables have the same schema everywhere).
     pub async fn everywhere(&self, sql: &str) -> Result<(), String> {
         for r in &self.spec.regions {
-            self.client(&r.name).await?.batch_execute(sql).await.map_err(|e| format!("region {}: {e}", r.name))?;
+            self.client(&r.name)
+                .await?
+                .batch_execute(sql)
+                .await
+                .map_err(|e| format!("region {}: {e}", r.name))?;
         }
         Ok(())
     }
@@ -315,7 +375,10 @@ impl Lab {
         for r in &self.spec.regions {
             let c = self.client(&r.name).await?;
             let row = c
-                .query_one("SELECT foreshadow.table_digest($1::text::regclass)", &[&table])
+                .query_one(
+                    "SELECT foreshadow.table_digest($1::text::regclass)",
+                    &[&table],
+                )
                 .await
                 .map_err(|e| format!("region {}: {e}", r.name))?;
             out.push((r.name.clone(), row.get(0)));
@@ -334,7 +397,9 @@ impl Lab {
                 }
             }
             if Instant::now() > deadline {
-                return Err(format!("{table} did not converge within {timeout:?}: {digests:?}"));
+                return Err(format!(
+                    "{table} did not converge within {timeout:?}: {digests:?}"
+                ));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

@@ -30,13 +30,19 @@ fn parse() -> Result<Args, String> {
         if SWITCHES.contains(&a.as_str()) {
             flags.insert(a, String::new());
         } else if a.starts_with("--") {
-            let v = it.next().ok_or_else(|| format!("{a} needs a value\n{}", usage()))?;
+            let v = it
+                .next()
+                .ok_or_else(|| format!("{a} needs a value\n{}", usage()))?;
             flags.insert(a, v);
         } else {
             positional.push(a);
         }
     }
-    Ok(Args { command, flags, positional })
+    Ok(Args {
+        command,
+        flags,
+        positional,
+    })
 }
 
 impl Args {
@@ -48,7 +54,11 @@ impl Args {
     }
     fn check_known(&self, known: &[&str]) -> Result<(), String> {
         match self.flags.keys().find(|k| !known.contains(&k.as_str())) {
-            Some(k) => Err(format!("unknown option {k} for `{}`\n{}", self.command, usage())),
+            Some(k) => Err(format!(
+                "unknown option {k} for `{}`\n{}",
+                self.command,
+                usage()
+            )),
             None => Ok(()),
         }
     }
@@ -89,8 +99,16 @@ async fn dispatch(args: Args) -> Result<(), String> {
             Ok(())
         }
         "demo" => {
-            args.check_known(&["--dir", "--regions", "--wan-ms", "--seconds", "--hot-keys", "--keep"])?;
-            let default_dir = std::env::temp_dir().join(format!("foreshadow-demo-{}", std::process::id()));
+            args.check_known(&[
+                "--dir",
+                "--regions",
+                "--wan-ms",
+                "--seconds",
+                "--hot-keys",
+                "--keep",
+            ])?;
+            let default_dir =
+                std::env::temp_dir().join(format!("foreshadow-demo-{}", std::process::id()));
             demo::run(DemoOptions {
                 dir: args.get("--dir", Some(default_dir))?,
                 regions: args.get("--regions", Some(3))?,
@@ -105,7 +123,9 @@ async fn dispatch(args: Args) -> Result<(), String> {
         "proxyd" => {
             let dir: PathBuf = args.get("--dir", None)?;
             let spec = foreshadow_lab::spec::LabSpec::load(&dir)?;
-            foreshadow_lab::proxy::serve(dir, spec).await.map_err(|e| format!("proxy: {e}"))
+            foreshadow_lab::proxy::serve(dir, spec)
+                .await
+                .map_err(|e| format!("proxy: {e}"))
         }
         other => Err(format!("unknown command {other:?}\n{}", usage())),
     }
@@ -119,7 +139,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     match rt.block_on(dispatch(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

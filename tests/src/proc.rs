@@ -7,7 +7,11 @@ use std::process::{Command, Stdio};
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 pub fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
 }
 
 /// A command run as the cluster owner: `postgres` when we are root.
@@ -23,7 +27,10 @@ pub fn as_pg_owner(program: &str) -> Command {
 
 /// Runs a command to completion; the error carries its output.
 pub fn run(mut cmd: Command, what: &str) -> Result<(), String> {
-    let out = cmd.stdin(Stdio::null()).output().map_err(|e| format!("{what}: cannot run: {e}"))?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{what}: cannot run: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
@@ -68,7 +75,12 @@ pub fn signal(pid: u32, sig: &str) -> bool {
 pub fn alive(pid: u32) -> bool {
     // A zombie child of ours still answers kill -0; /proc tells them apart.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }
@@ -89,7 +101,10 @@ pub fn stop(pid: u32, grace: std::time::Duration) {
 
 /// A TCP port on 127.0.0.1 that nothing listens on right now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 /// The binary `name` from beside this executable (cargo puts every

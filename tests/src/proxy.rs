@@ -28,7 +28,12 @@ pub async fn serve(dir: PathBuf, spec: LabSpec) -> std::io::Result<()> {
     let mut tasks = Vec::new();
     for link in spec.links.clone() {
         let listener = TcpListener::bind(("127.0.0.1", link.listen_port)).await?;
-        tasks.push(tokio::spawn(accept_loop(listener, link, delay, cut_rx.clone())));
+        tasks.push(tokio::spawn(accept_loop(
+            listener,
+            link,
+            delay,
+            cut_rx.clone(),
+        )));
     }
     for t in tasks {
         let _ = t.await;
@@ -38,7 +43,11 @@ pub async fn serve(dir: PathBuf, spec: LabSpec) -> std::io::Result<()> {
 
 async fn watch_cut_flags(dir: PathBuf, regions: Vec<String>, tx: watch::Sender<BTreeSet<String>>) {
     loop {
-        let cut: BTreeSet<String> = regions.iter().filter(|r| cut_flag(&dir, r).exists()).cloned().collect();
+        let cut: BTreeSet<String> = regions
+            .iter()
+            .filter(|r| cut_flag(&dir, r).exists())
+            .cloned()
+            .collect();
         tx.send_if_modified(|cur| {
             let changed = *cur != cut;
             *cur = cut.clone();
@@ -52,13 +61,22 @@ fn is_cut(link: &Link, cut: &BTreeSet<String>) -> bool {
     cut.contains(&link.from) || cut.contains(&link.to)
 }
 
-async fn accept_loop(listener: TcpListener, link: Link, delay: Duration, cut: watch::Receiver<BTreeSet<String>>) {
+async fn accept_loop(
+    listener: TcpListener,
+    link: Link,
+    delay: Duration,
+    cut: watch::Receiver<BTreeSet<String>>,
+) {
     loop {
-        let Ok((client, _)) = listener.accept().await else { continue };
+        let Ok((client, _)) = listener.accept().await else {
+            continue;
+        };
         if is_cut(&link, &cut.borrow()) {
             continue; // dropping the socket refuses the connection
         }
-        let Ok(server) = TcpStream::connect(("127.0.0.1", link.target_port)).await else { continue };
+        let Ok(server) = TcpStream::connect(("127.0.0.1", link.target_port)).await else {
+            continue;
+        };
         let _ = client.set_nodelay(true);
         let _ = server.set_nodelay(true);
         let (cr, cw) = client.into_split();
@@ -75,7 +93,11 @@ async fn accept_loop(listener: TcpListener, link: Link, delay: Duration, cut: wa
     }
 }
 
-async fn pump(mut from: impl AsyncReadExt + Unpin, mut to: impl AsyncWriteExt + Unpin + Send + 'static, delay: Duration) {
+async fn pump(
+    mut from: impl AsyncReadExt + Unpin,
+    mut to: impl AsyncWriteExt + Unpin + Send + 'static,
+    delay: Duration,
+) {
     let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
     let writer = tokio::spawn(async move {
         while let Some((due, chunk)) = rx.recv().await {
@@ -91,7 +113,10 @@ async fn pump(mut from: impl AsyncReadExt + Unpin, mut to: impl AsyncWriteExt + 
         match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+                if tx
+                    .send((Instant::now() + delay, buf[..n].to_vec()))
+                    .is_err()
+                {
                     break;
                 }
             }

@@ -36,9 +36,15 @@ impl LabSpec {
 
     pub fn load(dir: &Path) -> Result<LabSpec, String> {
         let path = Self::path(dir);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| format!("no lab in {}: cannot read {}: {e}", dir.display(), path.display()))?;
-        serde_json::from_str(&text).map_err(|e| format!("{} is not a lab description: {e}", path.display()))
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            format!(
+                "no lab in {}: cannot read {}: {e}",
+                dir.display(),
+                path.display()
+            )
+        })?;
+        serde_json::from_str(&text)
+            .map_err(|e| format!("{} is not a lab description: {e}", path.display()))
     }
 
     pub fn save(&self, dir: &Path) -> Result<(), String> {
@@ -49,11 +55,17 @@ impl LabSpec {
     pub fn region(&self, name: &str) -> Result<&Region, String> {
         self.regions.iter().find(|r| r.name == name).ok_or_else(|| {
             let known: Vec<&str> = self.regions.iter().map(|r| r.name.as_str()).collect();
-            format!("no region {name:?} in this lab (regions: {})", known.join(", "))
+            format!(
+                "no region {name:?} in this lab (regions: {})",
+                known.join(", ")
+            )
         })
     }
 
     pub fn link(&self, from: &str, to: &str) -> &Link {
-        self.links.iter().find(|l| l.from == from && l.to == to).expect("every ordered pair of regions has a link")
+        self.links
+            .iter()
+            .find(|l| l.from == from && l.to == to)
+            .expect("every ordered pair of regions has a link")
     }
 }

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The table the demo and the tests write.
-pub const ACCOUNTS_DDL: &str = "CREATE TABLE public.accounts (id bigint PRIMARY KEY, region text NOT NULL, \
+pub const ACCOUNTS_DDL: &str =
+    "CREATE TABLE public.accounts (id bigint PRIMARY KEY, region text NOT NULL, \
      balance bigint NOT NULL, note text); SELECT foreshadow.make_global('public.accounts');";
 
 /// A small deterministic pseudo-random sequence (xorshift), enough to pick hot keys.
@@ -59,7 +60,10 @@ pub async fn write_until(
         let c = client.as_ref().expect("connected");
         let id = (region_index as i64 + 1) * 1_000_000_000 + n;
         let ok = c
-            .execute("INSERT INTO accounts VALUES ($1, $2, 0, 'insert')", &[&id, &region])
+            .execute(
+                "INSERT INTO accounts VALUES ($1, $2, 0, 'insert')",
+                &[&id, &region],
+            )
             .await
             .is_ok();
         if !ok {
@@ -93,7 +97,12 @@ pub async fn write_until(
 pub async fn plain_md5(lab: &Lab, region: &str, table: &str) -> Result<String, String> {
     let c = lab.client(region).await?;
     let row = c
-        .query_one(&format!("SELECT md5(coalesce(string_agg(t::text, ',' ORDER BY t.id), '')) FROM {table} t"), &[])
+        .query_one(
+            &format!(
+                "SELECT md5(coalesce(string_agg(t::text, ',' ORDER BY t.id), '')) FROM {table} t"
+            ),
+            &[],
+        )
         .await
         .map_err(|e| format!("region {region}: {e}"))?;
     Ok(row.get(0))

@@ -1,0 +1,151 @@
+//! Bad input gets a clear error, and replication of everything else goes on.
+
+mod common;
+
+use common::{assert_converged, lab, names};
+use foreshadow_lab::proc::sibling_binary;
+use foreshadow_lab::Fault;
+use std::process::Command;
+use std::time::Duration;
+
+#[test]
+fn bad_sidecar_config_is_refused_naming_the_key() {
+    let dir = std::env::temp_dir().join(format!("foreshadow-badconfig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("sidecar.toml");
+    let run = |text: &str| {
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(sibling_binary("foreshadow-sidecar"))
+            .args(["--config", path.to_str().unwrap(), "--check-config"])
+            .output()
+            .expect("runs the sidecar");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned()
+                + &String::from_utf8_lossy(&out.stdout),
+        )
+    };
+    let good = "region = \"a\"\nprimary = \"host=127.0.0.1 user=x\"\n[[peers]]\nname = \"b\"\ndsn = \"host=127.0.0.1 port=1\"\n";
+    assert_eq!(run(good).0, Some(0));
+    let (code, text) = run(&good.replace("region", "regoin"));
+    assert_eq!(code, Some(78), "{text}");
+    assert!(text.contains("unknown field `regoin`"), "{text}");
+    let (code, text) = run(&good.replace("port=1", "port=x"));
+    assert_eq!(code, Some(78));
+    assert!(text.contains("peers[0].dsn"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_api_refuses_bad_tables_and_strategies_with_clear_errors() {
+    let lab = lab("badsql", 1, 0).await;
+    let c = lab.client(&names(&lab)[0]).await.unwrap();
+    c.batch_execute("CREATE TABLE nopk (v int)").await.unwrap();
+    let e = c
+        .batch_execute("SELECT foreshadow.make_global('nopk')")
+        .await
+        .unwrap_err();
+    let db = e.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "42P16");
+    assert!(db.message().contains("nopk has no primary key"), "{db:?}");
+    assert!(db.hint().unwrap().contains("ADD PRIMARY KEY"));
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let e = c
+        .batch_execute("SELECT foreshadow.make_global('t', strategy => 'fancy')")
+        .await
+        .unwrap_err();
+    let db = e.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "22023");
+    assert!(
+        db.message()
+            .contains("unknown conflict strategy \"fancy\" for table public.t"),
+        "{db:?}"
+    );
+    assert!(db.hint().unwrap().contains("lww"));
+    let e = c
+        .batch_execute("SELECT foreshadow.make_global('missing')")
+        .await
+        .unwrap_err();
+    assert!(e
+        .as_db_error()
+        .unwrap()
+        .message()
+        .contains("\"missing\" does not exist"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_pointing_nowhere_and_cut_region_do_not_stop_the_others() {
+    let lab = lab("deadpeer", 3, 0).await;
+    let r = names(&lab);
+    // Region 1's sidecar gets an extra peer that does not exist.
+    lab.fault(&r[0], Fault::KillSidecar).unwrap();
+    let mut config = lab.sidecar_config(&r[0]).unwrap();
+    config = config.replacen("\n[apply]", "\n[[peers]]\nname = \"ghost\"\ndsn = \"host=127.0.0.1 port=1 user=x dbname=app\"\n\n[apply]", 1);
+    lab.start_sidecar_with(&r[0], &config).unwrap();
+    // And region 3 is cut off from everyone.
+    lab.fault(&r[2], Fault::Cut).unwrap();
+    lab.client(&r[1])
+        .await
+        .unwrap()
+        .batch_execute("INSERT INTO accounts VALUES (1, 'b', 1, 'while cut')")
+        .await
+        .unwrap();
+    let a = lab.client(&r[0]).await.unwrap();
+    let mut arrived = false;
+    for _ in 0..100 {
+        if a.query_one("SELECT count(*) FROM accounts", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+        {
+            arrived = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        arrived,
+        "a write in {} did not reach {} while a peer was dead and another cut",
+        r[1], r[0]
+    );
+    let log = std::fs::read_to_string(lab.region_dir(&r[0]).join("sidecar.log")).unwrap();
+    assert!(
+        log.contains("peer=ghost") && log.contains("retrying"),
+        "the dead peer is not logged:\n{log}"
+    );
+    assert!(!log.contains("password"), "log mentions a password");
+    // Healing lets the cut region catch up.
+    lab.fault(&r[2], Fault::Heal).unwrap();
+    assert_converged(&lab).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intent_for_a_table_that_is_not_global_here_is_kept_not_lost() {
+    let lab = lab("deadletter", 2, 0).await;
+    let r = names(&lab);
+    // Only region 1 makes this table global.
+    lab.everywhere("CREATE TABLE only_a (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let a = lab.client(&r[0]).await.unwrap();
+    a.batch_execute("SELECT foreshadow.make_global('only_a'); INSERT INTO only_a VALUES (1, 'x')")
+        .await
+        .unwrap();
+    a.batch_execute("INSERT INTO accounts VALUES (7, 'a', 7, 'after the odd one')")
+        .await
+        .unwrap();
+    // Replication goes on past it, and the intent is kept with its reason.
+    assert_converged(&lab).await;
+    let b = lab.client(&r[1]).await.unwrap();
+    let row = b
+        .query_one("SELECT reason, intent FROM foreshadow.dead_letters", &[])
+        .await
+        .unwrap();
+    assert!(row
+        .get::<_, String>(0)
+        .contains("public.only_a is not a global table"));
+    assert!(row.get::<_, String>(1).contains("\"x\""));
+}
