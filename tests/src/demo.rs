@@ -101,8 +101,8 @@ async fn drive(lab: &Lab, opts: &DemoOptions) -> Result<(), String> {
         .await?;
     let converge_ms = stopped.elapsed().as_millis();
     println!(
-        "   {:<10} {:<34} {:<34} {}",
-        "region", "foreshadow.table_digest", "md5 of rows in key order", "rows"
+        "   {:<10} {:<34} {:<34} rows",
+        "region", "foreshadow.table_digest", "md5 of rows in key order"
     );
     let mut plain = Vec::new();
     for r in &lab.spec.regions {

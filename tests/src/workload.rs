@@ -17,7 +17,7 @@ impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng(seed | 1)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -74,8 +74,8 @@ pub async fn write_until(
         n += 1;
         stats.inserts.fetch_add(1, Ordering::Relaxed);
         if hot_keys > 0 {
-            let key = (rng.next() % hot_keys + 1) as i64;
-            let balance = (rng.next() % 1000) as i64;
+            let key = (rng.next_u64() % hot_keys + 1) as i64;
+            let balance = (rng.next_u64() % 1000) as i64;
             let r = c
                 .execute(
                     "INSERT INTO accounts VALUES ($1, $2, $3, 'hot') \
