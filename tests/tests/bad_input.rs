@@ -149,3 +149,44 @@ async fn intent_for_a_table_that_is_not_global_here_is_kept_not_lost() {
         .contains("public.only_a is not a global table"));
     assert!(row.get::<_, String>(1).contains("\"x\""));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_on_a_used_dir_is_refused_clearly() {
+    let lab = lab("twice", 1, 0).await;
+    let again = foreshadow_lab::Lab::up(foreshadow_lab::UpOptions {
+        dir: lab.dir.clone(),
+        regions: 1,
+        wan_ms: 0,
+    })
+    .await;
+    let err = again.err().expect("second up on the same dir is refused");
+    assert!(
+        err.contains("already holds a lab") && err.contains("foreshadow-lab down"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_exits_cleanly_on_sigterm() {
+    let lab = lab("sigterm", 2, 0).await;
+    let region = names(&lab)[0].clone();
+    lab.fault(&region, Fault::KillSidecar).unwrap();
+    let config = lab.region_dir(&region).join("sidecar.toml");
+    let child = Command::new(sibling_binary("foreshadow-sidecar"))
+        .args(["--config", config.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(foreshadow_lab::proc::signal(child.id(), "TERM"));
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(
+        log.contains("SIGTERM") && log.contains("foreshadow sidecar stopped"),
+        "{log}"
+    );
+}
