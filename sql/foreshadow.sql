@@ -395,15 +395,16 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    EXECUTE format('GRANT USAGE ON SCHEMA foreshadow TO %I', role_name);
-    EXECUTE format('GRANT SELECT ON foreshadow.dead_letters TO %I', role_name);
+    -- regrole prints as an already quoted identifier, hence %s.
+    EXECUTE format('GRANT USAGE ON SCHEMA foreshadow TO %s', role_name);
+    EXECUTE format('GRANT SELECT ON foreshadow.dead_letters TO %s', role_name);
     EXECUTE format('GRANT EXECUTE ON FUNCTION foreshadow.apply_intents(jsonb), '
-                   'foreshadow.reject_intent(text, text, text) TO %I', role_name);
+                   'foreshadow.reject_intent(text, text, text) TO %s', role_name);
     EXECUTE format('GRANT EXECUTE ON FUNCTION pg_catalog.pg_replication_origin_create(text), '
                    'pg_catalog.pg_replication_origin_oid(text), '
                    'pg_catalog.pg_replication_origin_session_setup(text), '
                    'pg_catalog.pg_replication_origin_xact_setup(pg_lsn, timestamptz), '
-                   'pg_catalog.pg_replication_origin_progress(text, boolean) TO %I', role_name);
+                   'pg_catalog.pg_replication_origin_progress(text, boolean) TO %s', role_name);
 END
 $$;
 
@@ -411,13 +412,13 @@ CREATE FUNCTION foreshadow.on_sql_drop() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    dropped oid[];
 BEGIN
-    DELETE FROM foreshadow.row_versions v
-     WHERE v.relid IN (SELECT objid FROM pg_event_trigger_dropped_objects()
-                        WHERE classid = 'pg_class'::regclass AND objsubid = 0);
-    DELETE FROM foreshadow.tables t
-     WHERE t.relid IN (SELECT objid FROM pg_event_trigger_dropped_objects()
-                        WHERE classid = 'pg_class'::regclass AND objsubid = 0);
+    SELECT array_agg(objid) INTO dropped FROM pg_event_trigger_dropped_objects()
+     WHERE classid = 'pg_class'::regclass AND objsubid = 0;
+    DELETE FROM foreshadow.row_versions v WHERE v.relid = ANY (dropped);
+    DELETE FROM foreshadow.tables t WHERE t.relid = ANY (dropped);
 END
 $$;
 CREATE EVENT TRIGGER foreshadow_sql_drop ON sql_drop EXECUTE FUNCTION foreshadow.on_sql_drop();

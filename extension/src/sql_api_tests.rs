@@ -148,4 +148,29 @@ mod tests {
             Ok(Some(0))
         );
     }
+
+    #[pg_test]
+    fn dropping_a_global_table_forgets_it() {
+        setup_accounts();
+        Spi::run("INSERT INTO accounts VALUES (1, 'ann', 10)").unwrap();
+        Spi::run("DROP TABLE accounts").unwrap();
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM foreshadow.tables"),
+            Ok(Some(0))
+        );
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM foreshadow.row_versions"),
+            Ok(Some(0))
+        );
+    }
+
+    #[pg_test]
+    fn grant_sidecar_handles_names_that_need_quoting() {
+        Spi::run(r#"CREATE ROLE "Side Car" LOGIN REPLICATION"#).unwrap();
+        Spi::run(r#"SELECT foreshadow.grant_sidecar('"Side Car"')"#).unwrap();
+        let can = Spi::get_one::<bool>(
+            r#"SELECT has_function_privilege('Side Car', 'foreshadow.apply_intents(jsonb)', 'EXECUTE')"#,
+        );
+        assert_eq!(can, Ok(Some(true)));
+    }
 }
