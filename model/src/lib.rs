@@ -5,8 +5,11 @@
 pub mod hlc;
 pub mod intent;
 pub mod lww;
+pub mod ownership;
+pub mod strategy;
 pub mod vv;
 
 pub use hlc::Hlc;
 pub use intent::{Intent, IntentClass, IntentError, Op};
+pub use strategy::Strategy;
 pub use vv::{Causality, VersionVector};

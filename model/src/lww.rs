@@ -2,6 +2,7 @@
 //! wins; equal stamps are broken by the origin region's name (byte order), so
 //! every region picks the same winner without talking to the others.
 
+use crate::strategy::{frontier, Versioned};
 use crate::Hlc;
 use std::cmp::Ordering;
 
@@ -32,6 +33,13 @@ pub fn incoming_wins(incoming: Stamp<'_>, current: Option<Stamp<'_>>) -> bool {
     current.is_none_or(|cur| incoming > cur)
 }
 
+/// The LWW resolution of a conflict: among the versions no other version has
+/// seen, the one with the highest stamp. A version that saw another wins over
+/// it whatever the clocks say, so causality first, then the stamp.
+pub fn resolve<V: Versioned>(versions: impl IntoIterator<Item = V>) -> Option<V> {
+    frontier(versions).pop()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,6 +68,17 @@ mod tests {
     fn same_version_again_is_not_applied_twice() {
         assert!(!incoming_wins(s(5, "a"), Some(s(5, "a"))));
         assert!(incoming_wins(s(0, "a"), None));
+    }
+
+    #[test]
+    fn resolve_prefers_causality_then_stamp() {
+        use crate::strategy::tests::v;
+        let old = v(&[("a", 1)], 9, "a", Some("old"));
+        let newer = v(&[("a", 2)], 1, "a", Some("newer"));
+        let other = v(&[("b", 1)], 1, "b", Some("other"));
+        assert_eq!(resolve([&old, &newer]), Some(&newer));
+        assert_eq!(resolve([&newer, &other, &old]), Some(&other));
+        assert_eq!(resolve(Vec::<&crate::strategy::tests::V>::new()), None);
     }
 
     proptest! {
