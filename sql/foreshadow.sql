@@ -12,7 +12,8 @@ CREATE TABLE foreshadow.strategies (
     description text NOT NULL
 );
 INSERT INTO foreshadow.strategies VALUES
-    ('lww', 'last writer wins: the higher hybrid-logical-clock stamp, then the region name');
+    ('lww', 'last writer wins: the higher hybrid-logical-clock stamp, then the region name'),
+    ('counter', 'per column: concurrent increments add up (set with set_column_strategy)');
 
 -- One row per global table of this region. Peers name tables by schema and
 -- table name (OIDs differ between regions); relid is this region's handle.
@@ -22,9 +23,14 @@ CREATE TABLE foreshadow.tables (
     table_name  name NOT NULL,
     strategy    text NOT NULL REFERENCES foreshadow.strategies (name),
     pk_cols     text[] NOT NULL,
-    -- Apply statements, built once by make_global: $1 is a row image or key.
-    upsert_sql  text NOT NULL,
-    delete_sql  text NOT NULL,
+    -- Numeric columns whose writes travel as increments (strategy counter).
+    counter_cols text[] NOT NULL DEFAULT '{}',
+    -- Apply statements, built by refresh_table: $1 is a row image or key
+    -- (with counter columns holding increments). counter_sql adds the
+    -- increments of a write that lost to a newer one; NULL without counters.
+    upsert_sql  text,
+    delete_sql  text,
+    counter_sql text,
     created_at  timestamptz NOT NULL DEFAULT now(),
     UNIQUE (schema_name, table_name)
 );
@@ -59,6 +65,9 @@ CREATE TABLE foreshadow.peer_stats (
     origin          text PRIMARY KEY,
     intents         bigint NOT NULL,
     changed_rows    bigint NOT NULL,
+    -- Intents whose version was concurrent with this region's version of the
+    -- row (neither had seen the other): resolved here by the strategy.
+    conflicts       bigint NOT NULL DEFAULT 0,
     last_applied_at timestamptz NOT NULL
 );
 
@@ -70,6 +79,7 @@ CREATE VIEW foreshadow.global_tables AS
 SELECT t.relid::regclass AS table_name,
        t.strategy,
        t.pk_cols        AS primary_key,
+       t.counter_cols   AS counter_columns,
        t.created_at,
        (SELECT count(*) FROM foreshadow.row_versions v
          WHERE v.relid = t.relid AND v.deleted) AS tombstones
@@ -86,7 +96,8 @@ LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT jsonb_object_agg(c, row_image -> c) FROM unnest(pk_cols) AS c $$;
 
-CREATE FUNCTION foreshadow.make_global(tbl regclass, strategy text DEFAULT 'lww') RETURNS void
+CREATE FUNCTION foreshadow.make_global(tbl regclass, strategy text DEFAULT 'lww',
+                                       announce_existing boolean DEFAULT true) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -95,22 +106,18 @@ DECLARE
     v_table  name;
     v_kind   "char";
     v_pk     text[];
-    v_cols   text[];
-    v_nonkey text[];
-    v_target text;
-    v_type   text;
-    v_upsert text;
-    v_delete text;
     v_row    jsonb;
 BEGIN
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'foreshadow.make_global: table must not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    IF strategy IS NULL OR NOT EXISTS (SELECT 1 FROM foreshadow.strategies s WHERE s.name = make_global.strategy) THEN
+    IF strategy IS NULL OR strategy = 'counter'
+       OR NOT EXISTS (SELECT 1 FROM foreshadow.strategies s WHERE s.name = make_global.strategy) THEN
         RAISE EXCEPTION 'unknown conflict strategy "%" for table %', strategy, tbl
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = format('Known strategies: %s.',
-                                (SELECT string_agg(s.name, ', ' ORDER BY s.name) FROM foreshadow.strategies s));
+                  HINT = format('Known table strategies: %s; counter is set per column with foreshadow.set_column_strategy().',
+                                (SELECT string_agg(s.name, ', ' ORDER BY s.name) FROM foreshadow.strategies s
+                                  WHERE s.name <> 'counter'));
     END IF;
     IF current_setting('wal_level') <> 'logical' THEN
         RAISE EXCEPTION 'cannot make table % global: wal_level is %', tbl, current_setting('wal_level')
@@ -145,43 +152,21 @@ BEGIN
                   HINT = format('Add one, e.g. ALTER TABLE %s ADD PRIMARY KEY (...), then call make_global again.', tbl);
     END IF;
 
-    SELECT array_agg(a.attname::text ORDER BY a.attnum) INTO v_cols
-      FROM pg_attribute a
-     WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '';
-    SELECT coalesce(array_agg(c), '{}') INTO v_nonkey FROM unnest(v_cols) AS c WHERE c <> ALL (v_pk);
-
-    v_target := format('%I.%I', v_schema, v_table);
-    v_type := format('NULL::%s', v_target);
-    v_upsert := format('INSERT INTO %s AS t (%s) SELECT %s FROM jsonb_populate_record(%s, $1) ON CONFLICT (%s) DO ',
-                       v_target,
-                       (SELECT string_agg(format('%I', c), ', ') FROM unnest(v_cols) AS c),
-                       (SELECT string_agg(format('%I', c), ', ') FROM unnest(v_cols) AS c),
-                       v_type,
-                       (SELECT string_agg(format('%I', c), ', ') FROM unnest(v_pk) AS c));
-    IF cardinality(v_nonkey) = 0 THEN
-        v_upsert := v_upsert || 'NOTHING';
-    ELSE
-        v_upsert := v_upsert || format('UPDATE SET (%s) = ROW(%s)',
-                       (SELECT string_agg(format('%I', c), ', ') FROM unnest(v_nonkey) AS c),
-                       (SELECT string_agg(format('EXCLUDED.%I', c), ', ') FROM unnest(v_nonkey) AS c));
-    END IF;
-    v_delete := format('DELETE FROM %s AS t USING jsonb_populate_record(%s, $1) AS k WHERE %s',
-                       v_target, v_type,
-                       (SELECT string_agg(format('t.%1$I = k.%1$I', c), ' AND ') FROM unnest(v_pk) AS c));
-
-    INSERT INTO foreshadow.tables (relid, schema_name, table_name, strategy, pk_cols, upsert_sql, delete_sql)
-    VALUES (tbl, v_schema, v_table, strategy, v_pk, v_upsert, v_delete);
-
-    EXECUTE format('CREATE TRIGGER foreshadow_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
-                   'FOR EACH ROW EXECUTE FUNCTION foreshadow.capture()', v_target);
-    EXECUTE format('CREATE TRIGGER foreshadow_no_truncate BEFORE TRUNCATE ON %s '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION foreshadow.refuse_truncate()', v_target);
+    INSERT INTO foreshadow.tables (relid, schema_name, table_name, strategy, pk_cols)
+    VALUES (tbl, v_schema, v_table, strategy, v_pk);
+    PERFORM foreshadow.refresh_table(tbl);
+    EXECUTE format('CREATE TRIGGER foreshadow_no_truncate BEFORE TRUNCATE ON %I.%I '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION foreshadow.refuse_truncate()', v_schema, v_table);
 
     -- Rows already in the table are announced as inserts, so that a table
     -- made global with data reaches the regions that do not have it yet.
-    FOR v_row IN EXECUTE format('SELECT to_jsonb(t) FROM %s AS t', v_target) LOOP
-        PERFORM foreshadow.record_write(tbl, 'insert', foreshadow.key_of(v_row, v_pk), v_row);
-    END LOOP;
+    -- Skipped when every region was loaded with the same rows beforehand.
+    IF announce_existing THEN
+        FOR v_row IN EXECUTE format('SELECT to_jsonb(t) FROM %I.%I AS t', v_schema, v_table) LOOP
+            PERFORM foreshadow.record_write(tbl, v_schema, v_table, strategy, 'insert',
+                                            foreshadow.key_of(v_row, v_pk), v_row, NULL);
+        END LOOP;
+    END IF;
 END
 $$;
 
@@ -202,68 +187,189 @@ BEGIN
 END
 $$;
 
--- Stamps a local write with a new version and emits its intent, in the
--- writer's transaction: the intent exists exactly when the write commits.
-CREATE FUNCTION foreshadow.record_write(tbl regclass, op text, k jsonb, row_image jsonb) RETURNS void
+-- Builds a global table's apply statements from its key and counter columns
+-- and (re)creates its capture trigger. The trigger gets what capture needs as
+-- arguments, so that capturing a write reads no catalog table.
+CREATE FUNCTION foreshadow.refresh_table(tbl regclass) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     t        foreshadow.tables;
-    cur      record;
+    v_cols   text[];
+    v_nonkey text[];
+    v_target text;
+    v_type   text;
+    v_upsert text;
+BEGIN
+    SELECT * INTO STRICT t FROM foreshadow.tables WHERE relid = tbl;
+    SELECT array_agg(a.attname::text ORDER BY a.attnum) INTO v_cols
+      FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '';
+    SELECT coalesce(array_agg(c), '{}') INTO v_nonkey FROM unnest(v_cols) AS c WHERE c <> ALL (t.pk_cols);
+
+    v_target := format('%I.%I', t.schema_name, t.table_name);
+    v_type := format('NULL::%s', v_target);
+    v_upsert := format('INSERT INTO %s AS t (%s) SELECT %s FROM jsonb_populate_record(%s, $1) ON CONFLICT (%s) DO ',
+                       v_target,
+                       (SELECT string_agg(format('%I', c), ', ') FROM unnest(v_cols) AS c),
+                       (SELECT string_agg(format('%I', c), ', ') FROM unnest(v_cols) AS c),
+                       v_type,
+                       (SELECT string_agg(format('%I', c), ', ') FROM unnest(t.pk_cols) AS c));
+    IF cardinality(v_nonkey) = 0 THEN
+        v_upsert := v_upsert || 'NOTHING';
+    ELSE
+        -- Counter columns arrive as increments: added, never overwritten.
+        v_upsert := v_upsert || format('UPDATE SET (%s) = ROW(%s)',
+                       (SELECT string_agg(format('%I', c), ', ') FROM unnest(v_nonkey) AS c),
+                       (SELECT string_agg(CASE WHEN c = ANY (t.counter_cols)
+                                               THEN format('t.%1$I + EXCLUDED.%1$I', c)
+                                               ELSE format('EXCLUDED.%I', c) END, ', ')
+                          FROM unnest(v_nonkey) AS c));
+    END IF;
+    UPDATE foreshadow.tables
+       SET upsert_sql = v_upsert,
+           delete_sql = format('DELETE FROM %s AS t USING jsonb_populate_record(%s, $1) AS k WHERE %s',
+                               v_target, v_type,
+                               (SELECT string_agg(format('t.%1$I = k.%1$I', c), ' AND ') FROM unnest(t.pk_cols) AS c)),
+           counter_sql = CASE WHEN cardinality(t.counter_cols) > 0 THEN
+                   format('UPDATE %s AS t SET %s FROM jsonb_populate_record(%s, $1) AS k WHERE %s',
+                          v_target,
+                          (SELECT string_agg(format('%1$I = t.%1$I + k.%1$I', c), ', ') FROM unnest(t.counter_cols) AS c),
+                          v_type,
+                          (SELECT string_agg(format('t.%1$I = k.%1$I', c), ' AND ') FROM unnest(t.pk_cols) AS c))
+               END
+     WHERE relid = tbl;
+    EXECUTE format('CREATE OR REPLACE TRIGGER foreshadow_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
+                   'FOR EACH ROW EXECUTE FUNCTION foreshadow.capture(%L, %L, %L, %L, %L)',
+                   v_target, t.schema_name, t.table_name, t.strategy, t.pk_cols, t.counter_cols);
+END
+$$;
+
+-- Sets the conflict strategy of one column of a global table: 'counter'
+-- (a numeric column whose concurrent increments add up) or back to the
+-- table's own strategy. Run it in every region, like make_global.
+CREATE FUNCTION foreshadow.set_column_strategy(tbl regclass, column_name name, strategy text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t      foreshadow.tables;
+    v_type regtype;
+BEGIN
+    SELECT * INTO t FROM foreshadow.tables WHERE relid = tbl;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'table % is not global', tbl
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Call foreshadow.make_global() first.';
+    END IF;
+    SELECT a.atttypid INTO v_type FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attname = column_name AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'column "%" of table % does not exist', column_name, tbl
+            USING ERRCODE = 'undefined_column';
+    END IF;
+    IF strategy IS DISTINCT FROM 'counter' AND strategy IS DISTINCT FROM t.strategy THEN
+        RAISE EXCEPTION 'unknown column strategy "%" for %.%', strategy, tbl, column_name
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = format('Use ''counter'', or ''%s'' (the table''s strategy) to undo it.', t.strategy);
+    END IF;
+    IF strategy = 'counter' THEN
+        IF column_name::text = ANY (t.pk_cols) THEN
+            RAISE EXCEPTION 'column "%" is part of the primary key of %: it cannot be a counter', column_name, tbl
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF v_type NOT IN ('smallint'::regtype, 'integer'::regtype, 'bigint'::regtype, 'numeric'::regtype) THEN
+            RAISE EXCEPTION 'column "%" of % is of type %, not an exact number: it cannot be a counter',
+                            column_name, tbl, v_type
+                USING ERRCODE = 'datatype_mismatch',
+                      HINT = 'Counters are smallint, integer, bigint or numeric columns.';
+        END IF;
+        UPDATE foreshadow.tables SET counter_cols = array_append(array_remove(counter_cols, column_name::text), column_name::text)
+         WHERE relid = tbl;
+    ELSE
+        UPDATE foreshadow.tables SET counter_cols = array_remove(counter_cols, column_name::text) WHERE relid = tbl;
+    END IF;
+    PERFORM foreshadow.refresh_table(tbl);
+END
+$$;
+
+-- Stamps a local write with a new version and emits its intent, in the
+-- writer's transaction: the intent exists exactly when the write commits.
+-- One statement stamps the row: a fresh stamp from the region's clock, which
+-- has observed every stamp stored here, unless the row's stamp is ahead of
+-- the clock (after a restart), then the next stamp above it.
+CREATE FUNCTION foreshadow.record_write(tbl regclass, schema_name name, table_name name, strategy text,
+                                        op text, k jsonb, row_image jsonb, delta jsonb) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
     v_region text := foreshadow.region_name();
     v_hlc    bigint;
     v_vv     jsonb;
 BEGIN
-    SELECT * INTO STRICT t FROM foreshadow.tables WHERE relid = tbl;
-    SELECT v.hlc, v.vv INTO cur FROM foreshadow.row_versions v WHERE v.relid = tbl AND v.key = k FOR UPDATE;
-    v_hlc := foreshadow.hlc_next(cur.hlc);
-    v_vv := foreshadow.vv_bump(coalesce(cur.vv, '{}'), v_region);
     INSERT INTO foreshadow.row_versions AS v (relid, key, hlc, origin, vv, deleted)
-    VALUES (tbl, k, v_hlc, v_region, v_vv, op = 'delete')
+    VALUES (tbl, k, foreshadow.hlc_next(NULL), v_region, foreshadow.vv_bump('{}', v_region), op = 'delete')
     ON CONFLICT (relid, key) DO UPDATE
-       SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin, vv = EXCLUDED.vv, deleted = EXCLUDED.deleted;
+       SET hlc = CASE WHEN EXCLUDED.hlc > v.hlc THEN EXCLUDED.hlc ELSE foreshadow.hlc_next(v.hlc) END,
+           origin = EXCLUDED.origin, vv = foreshadow.vv_bump(v.vv, EXCLUDED.origin), deleted = EXCLUDED.deleted
+    RETURNING v.hlc, v.vv INTO v_hlc, v_vv;
     PERFORM pg_logical_emit_message(true, 'foreshadow', jsonb_build_object(
         'v', 1, 'origin', v_region, 'hlc', v_hlc,
-        'schema', t.schema_name, 'table', t.table_name,
-        'op', op, 'key', k, 'row', row_image, 'vv', v_vv,
-        'strategy', t.strategy, 'class', 'data')::text);
+        'schema', schema_name, 'table', table_name,
+        'op', op, 'key', k, 'row', row_image, 'vv', v_vv, 'delta', delta,
+        'strategy', strategy, 'class', 'data')::text);
 END
 $$;
 
--- The capture trigger of every global table. It runs with the extension
--- owner's rights so that writers need no access to Foreshadow's catalog.
+-- The capture trigger of every global table; its arguments (schema, table,
+-- strategy, key columns, counter columns) are set by refresh_table. It runs
+-- with the extension owner's rights so that writers need no access to
+-- Foreshadow's catalog.
 CREATE FUNCTION foreshadow.capture() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_pk      text[];
+    v_pk      text[] := TG_ARGV[3]::text[];
+    v_counter text[] := TG_ARGV[4]::text[];
+    v_old     jsonb;
     v_new     jsonb;
     v_key     jsonb;
-    v_old_key jsonb;
+    v_delta   jsonb;
+    c         text;
 BEGIN
     -- The sidecar's apply session: the write came from a peer, don't echo it.
     IF foreshadow.capture_suppressed() THEN
         RETURN NULL;
     END IF;
-    SELECT t.pk_cols INTO v_pk FROM foreshadow.tables t WHERE t.relid = TG_RELID;
     IF TG_OP = 'DELETE' THEN
-        PERFORM foreshadow.record_write(TG_RELID, 'delete', foreshadow.key_of(to_jsonb(OLD), v_pk), NULL);
+        -- A delete removes the row with its counters: it carries no increment.
+        PERFORM foreshadow.record_write(TG_RELID, TG_ARGV[0], TG_ARGV[1], TG_ARGV[2], 'delete',
+                                        foreshadow.key_of(to_jsonb(OLD), v_pk), NULL, NULL);
         RETURN NULL;
     END IF;
     v_new := to_jsonb(NEW);
     v_key := foreshadow.key_of(v_new, v_pk);
     IF TG_OP = 'UPDATE' THEN
-        v_old_key := foreshadow.key_of(to_jsonb(OLD), v_pk);
-        IF v_old_key <> v_key THEN
+        v_old := to_jsonb(OLD);
+        IF foreshadow.key_of(v_old, v_pk) <> v_key THEN
             RAISE EXCEPTION 'cannot change the primary key of a row of global table %', TG_RELID::regclass
                 USING ERRCODE = 'feature_not_supported',
-                      DETAIL = format('Key %s would become %s.', v_old_key, v_key),
+                      DETAIL = format('Key %s would become %s.', foreshadow.key_of(v_old, v_pk), v_key),
                       HINT = 'Delete the row and insert it again with the new key.';
         END IF;
     END IF;
-    PERFORM foreshadow.record_write(TG_RELID, lower(TG_OP), v_key, v_new);
+    IF cardinality(v_counter) > 0 THEN
+        v_delta := '{}';
+        FOREACH c IN ARRAY v_counter LOOP
+            v_delta := v_delta || jsonb_build_object(c,
+                coalesce((v_new ->> c)::numeric, 0) - coalesce((v_old ->> c)::numeric, 0));
+        END LOOP;
+    END IF;
+    PERFORM foreshadow.record_write(TG_RELID, TG_ARGV[0], TG_ARGV[1], TG_ARGV[2], lower(TG_OP),
+                                    v_key, v_new, v_delta);
     RETURN NULL;
 END
 $$;
@@ -280,11 +386,13 @@ BEGIN
 END
 $$;
 
--- Applies one peer intent under last-writer-wins. Returns whether it changed
--- the row. An intent that cannot be applied goes to dead_letters with the
--- reason (a WARNING says so) and replication goes on; lock conflicts and
--- cancellations are raised so that the sidecar retries the batch.
-CREATE FUNCTION foreshadow.apply_intent(i jsonb) RETURNS boolean
+-- Applies one peer intent under last-writer-wins (counter columns: the
+-- increment is added whether the rest of the write wins or not). Says
+-- whether it changed the row and whether it was a conflict (concurrent
+-- with this region's version). An intent that cannot be applied goes to
+-- dead_letters with the reason (a WARNING says so) and replication goes on;
+-- lock conflicts and cancellations are raised so that the sidecar retries.
+CREATE FUNCTION foreshadow.apply_intent(i jsonb, OUT changed boolean, OUT conflict boolean)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -295,33 +403,49 @@ DECLARE
     in_hlc    bigint := (i ->> 'hlc')::bigint;
     in_origin text := i ->> 'origin';
     v_deleted boolean := (i ->> 'op') = 'delete';
+    v_delta   jsonb := nullif(i -> 'delta', 'null');
 BEGIN
+    changed := false;
+    conflict := false;
     SELECT * INTO t FROM foreshadow.tables WHERE schema_name = i ->> 'schema' AND table_name = i ->> 'table';
     IF NOT FOUND THEN
         PERFORM foreshadow.reject_intent(in_origin,
             format('table %I.%I is not a global table in this region', i ->> 'schema', i ->> 'table'), i::text);
-        RETURN false;
+        RETURN;
+    END IF;
+    IF NOT v_deleted AND cardinality(t.counter_cols) > 0
+       AND NOT coalesce(v_delta ?& t.counter_cols, false) THEN
+        PERFORM foreshadow.reject_intent(in_origin,
+            format('intent for %s lacks increments for counter columns %s: are the columns counters in region %s?',
+                   t.relid::regclass, t.counter_cols, in_origin), i::text);
+        RETURN;
     END IF;
     PERFORM foreshadow.hlc_observe(in_hlc);
     BEGIN
-        SELECT v.hlc, v.origin, v.vv INTO cur FROM foreshadow.row_versions v
+        SELECT v.hlc, v.origin, v.vv, v.deleted INTO cur FROM foreshadow.row_versions v
          WHERE v.relid = t.relid AND v.key = k FOR UPDATE;
+        conflict := cur.vv IS NOT NULL AND foreshadow.vv_compare(cur.vv, i -> 'vv') = 'concurrent';
         IF NOT foreshadow.lww_wins(in_hlc, in_origin, cur.hlc, cur.origin) THEN
-            -- The current version supersedes this write; remember it was seen.
+            -- The current version supersedes this write; remember it was seen,
+            -- and keep its increments unless the row is deleted.
             UPDATE foreshadow.row_versions v SET vv = foreshadow.vv_merge(v.vv, i -> 'vv')
              WHERE v.relid = t.relid AND v.key = k;
-            RETURN false;
+            IF t.counter_sql IS NOT NULL AND v_delta IS NOT NULL AND NOT cur.deleted THEN
+                EXECUTE t.counter_sql USING k || v_delta;
+                changed := true;
+            END IF;
+            RETURN;
         END IF;
         IF v_deleted THEN
             EXECUTE t.delete_sql USING k;
         ELSE
-            EXECUTE t.upsert_sql USING i -> 'row';
+            EXECUTE t.upsert_sql USING (i -> 'row') || coalesce(v_delta, '{}');
         END IF;
         INSERT INTO foreshadow.row_versions AS v (relid, key, hlc, origin, vv, deleted)
         VALUES (t.relid, k, in_hlc, in_origin, foreshadow.vv_merge(coalesce(cur.vv, '{}'), i -> 'vv'), v_deleted)
         ON CONFLICT (relid, key) DO UPDATE
            SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin, vv = EXCLUDED.vv, deleted = EXCLUDED.deleted;
-        RETURN true;
+        changed := true;
     EXCEPTION
         WHEN deadlock_detected OR serialization_failure OR lock_not_available
           OR query_canceled OR admin_shutdown OR too_many_connections THEN
@@ -329,7 +453,8 @@ BEGIN
         WHEN OTHERS THEN
             PERFORM foreshadow.reject_intent(in_origin,
                 format('applying to %s failed: %s (SQLSTATE %s)', t.relid::regclass, SQLERRM, SQLSTATE), i::text);
-            RETURN false;
+            changed := false;
+            conflict := false;
     END;
 END
 $$;
@@ -341,20 +466,23 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     i jsonb;
+    r record;
     n integer := 0;
+    c integer := 0;
 BEGIN
     FOR i IN SELECT value FROM jsonb_array_elements(intents) LOOP
-        IF foreshadow.apply_intent(i) THEN
-            n := n + 1;
-        END IF;
+        r := foreshadow.apply_intent(i);
+        n := n + r.changed::integer;
+        c := c + r.conflict::integer;
     END LOOP;
     -- A batch holds one peer's intents (applied writes are never re-emitted).
     IF jsonb_array_length(intents) > 0 THEN
-        INSERT INTO foreshadow.peer_stats AS s (origin, intents, changed_rows, last_applied_at)
-        VALUES (intents -> 0 ->> 'origin', jsonb_array_length(intents), n, now())
+        INSERT INTO foreshadow.peer_stats AS s (origin, intents, changed_rows, conflicts, last_applied_at)
+        VALUES (intents -> 0 ->> 'origin', jsonb_array_length(intents), n, c, now())
         ON CONFLICT (origin) DO UPDATE
            SET intents = s.intents + EXCLUDED.intents,
                changed_rows = s.changed_rows + EXCLUDED.changed_rows,
+               conflicts = s.conflicts + EXCLUDED.conflicts,
                last_applied_at = EXCLUDED.last_applied_at;
     END IF;
     RETURN n;
@@ -425,8 +553,9 @@ CREATE EVENT TRIGGER foreshadow_sql_drop ON sql_drop EXECUTE FUNCTION foreshadow
 
 -- Only the extension owner (and roles it grants) may change global tables or
 -- feed intents; anyone may look.
-REVOKE EXECUTE ON FUNCTION foreshadow.make_global(regclass, text), foreshadow.drop_global(regclass),
-    foreshadow.record_write(regclass, text, jsonb, jsonb), foreshadow.apply_intent(jsonb),
+REVOKE EXECUTE ON FUNCTION foreshadow.make_global(regclass, text, boolean), foreshadow.drop_global(regclass),
+    foreshadow.refresh_table(regclass), foreshadow.set_column_strategy(regclass, name, text),
+    foreshadow.record_write(regclass, name, name, text, text, jsonb, jsonb, jsonb), foreshadow.apply_intent(jsonb),
     foreshadow.apply_intents(jsonb), foreshadow.reject_intent(text, text, text),
     foreshadow.grant_sidecar(regrole), foreshadow.hlc_observe(bigint) FROM PUBLIC;
 GRANT USAGE ON SCHEMA foreshadow TO PUBLIC;

@@ -48,6 +48,11 @@ pub struct Intent {
     pub row: Option<Map<String, Value>>,
     /// The row's version vector after this write.
     pub vv: VersionVector,
+    /// Increments of the table's `counter` columns (column → number), which
+    /// peers add to their value instead of overwriting it; `None` when the
+    /// table has no counter columns or for deletes.
+    #[serde(default)]
+    pub delta: Option<Map<String, Value>>,
     pub strategy: String,
     #[serde(default)]
     pub class: IntentClass,
@@ -67,6 +72,8 @@ pub enum IntentError {
     KeyMismatch(String),
     #[error("intent's version vector has no entry for its origin `{0}`")]
     NoOriginEntry(String),
+    #[error("intent's counter increment for column `{0}` is not a number")]
+    DeltaNotNumber(String),
 }
 
 impl Intent {
@@ -101,6 +108,9 @@ impl Intent {
         }
         if self.vv.get(&self.origin) == 0 {
             return Err(IntentError::NoOriginEntry(self.origin.clone()));
+        }
+        if let Some((column, _)) = self.delta.iter().flatten().find(|(_, v)| !v.is_number()) {
+            return Err(IntentError::DeltaNotNumber(column.clone()));
         }
         match (&self.op, &self.row) {
             (Op::Delete, Some(_)) => Err(IntentError::RowImage {
@@ -171,5 +181,21 @@ mod tests {
         let mut v = sample();
         v["table"] = json!("");
         assert_eq!(decode(&v), Err(IntentError::Empty("table")));
+        let mut v = sample();
+        v["delta"] = json!({"balance": "ten"});
+        assert_eq!(
+            decode(&v),
+            Err(IntentError::DeltaNotNumber("balance".into()))
+        );
+    }
+
+    #[test]
+    fn carries_counter_increments() {
+        let mut v = sample();
+        v["delta"] = json!({"balance": -5});
+        let i = decode(&v).unwrap();
+        assert_eq!(i.delta.as_ref().unwrap()["balance"], json!(-5));
+        v["delta"] = Value::Null;
+        assert_eq!(decode(&v).unwrap().delta, None);
     }
 }

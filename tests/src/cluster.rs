@@ -1,6 +1,7 @@
 //! One region's PostgreSQL cluster: initdb, configure, start, stop.
 
 use crate::proc::{as_pg_owner, is_root, run, PG_BIN};
+use crate::spec::Engine;
 use std::path::{Path, PathBuf};
 
 pub struct Cluster {
@@ -20,11 +21,11 @@ impl Cluster {
         self.dir.join("data")
     }
 
-    fn log(&self) -> PathBuf {
+    pub fn log(&self) -> PathBuf {
         self.dir.join("postgres.log")
     }
 
-    pub fn init(&self, region: &str) -> Result<(), String> {
+    pub fn init(&self, region: &str, engine: Engine) -> Result<(), String> {
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
         if is_root() {
@@ -50,12 +51,25 @@ impl Cluster {
         run(initdb, &format!("initdb for region {region}"))?;
         // Small, fast clusters: several share this machine. fsync is off
         // because lab clusters are scratch data.
+        let engine_conf = match engine {
+            Engine::Foreshadow => {
+                format!("shared_preload_libraries = 'foreshadow'\nforeshadow.region = '{region}'\n")
+            }
+            // pglogical's output plugin must be approved on this PostgreSQL;
+            // conflicts are logged as WARNINGs so that the benchmark can count them.
+            Engine::Pglogical => "shared_preload_libraries = 'pglogical'\n\
+                 output_plugin_libraries = 'pgoutput, test_decoding, pglogical_output'\n\
+                 pglogical.conflict_resolution = 'last_update_wins'\n\
+                 pglogical.conflict_log_level = warning\nmax_worker_processes = 32\n"
+                .to_string(),
+            Engine::Plain => String::new(),
+        };
         let conf = format!(
-            "\n# foreshadow lab\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = ''\n\
-             shared_preload_libraries = 'foreshadow'\nforeshadow.region = '{region}'\n\
-             wal_level = logical\nmax_replication_slots = 16\nmax_wal_senders = 16\n\
+            "\n# foreshadow lab ({engine})\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = ''\n\
+             {engine_conf}wal_level = logical\nmax_replication_slots = 16\nmax_wal_senders = 16\n\
              track_commit_timestamp = on\nshared_buffers = 32MB\nfsync = off\nfull_page_writes = off\n\
              max_connections = 60\nlog_min_messages = warning\nlog_line_prefix = '%m [%p] %a '\n",
+            engine = engine.name(),
             port = self.port
         );
         let conf_path = self.data().join("postgresql.conf");

@@ -28,6 +28,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
         dir: opts.dir.clone(),
         regions: opts.regions,
         wan_ms: opts.wan_ms,
+        engine: crate::spec::Engine::Foreshadow,
     })
     .await?;
     println!(

@@ -5,7 +5,7 @@
 use crate::cluster::Cluster;
 use crate::proc::{self, free_port, sibling_binary, spawn_detached};
 use crate::proxy::cut_flag;
-use crate::spec::{LabSpec, Link, Region};
+use crate::spec::{Engine, LabSpec, Link, Region};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio_postgres::{Client, NoTls};
@@ -47,6 +47,7 @@ pub struct UpOptions {
     pub dir: PathBuf,
     pub regions: usize,
     pub wan_ms: u64,
+    pub engine: Engine,
 }
 
 pub struct Lab {
@@ -143,6 +144,7 @@ impl Lab {
         let lab = Lab {
             dir,
             spec: LabSpec {
+                engine: opts.engine,
                 regions,
                 wan_ms: opts.wan_ms,
                 links,
@@ -165,7 +167,7 @@ impl Lab {
                 .map(|r| {
                     s.spawn(move || {
                         let c = self.cluster(&r.name);
-                        c.init(&r.name)?;
+                        c.init(&r.name, self.spec.engine)?;
                         c.start()
                     })
                 })
@@ -186,8 +188,20 @@ impl Lab {
             &self.dir.join("proxy.log"),
         )?;
         std::fs::write(self.dir.join("proxy.pid"), proxy.to_string()).map_err(|e| e.to_string())?;
-        for r in &self.spec.regions {
-            self.start_sidecar(&r.name)?;
+        match self.spec.engine {
+            // A lone region has nobody to replicate with: no sidecar, so its
+            // intents are captured and nothing consumes them.
+            Engine::Foreshadow if self.spec.regions.len() > 1 => {
+                for r in &self.spec.regions {
+                    self.start_sidecar(&r.name)?;
+                }
+            }
+            Engine::Pglogical => {
+                for r in &self.spec.regions {
+                    self.subscribe_pglogical(r).await?;
+                }
+            }
+            _ => {}
         }
         self.wait_replicating(Duration::from_secs(60)).await
     }
@@ -199,12 +213,94 @@ impl Lab {
             .await
             .map_err(|e| format!("{}: {e}", r.name))?;
         let app = connect(&r.dsn).await?;
-        app.batch_execute(&format!(
-            "CREATE EXTENSION foreshadow; CREATE ROLE {SIDECAR_ROLE} LOGIN REPLICATION; \
-             SELECT foreshadow.grant_sidecar('{SIDECAR_ROLE}');"
-        ))
-        .await
-        .map_err(|e| format!("installing foreshadow in region {}: {e} (is the extension installed? `make install`)", r.name))
+        let sql = match self.spec.engine {
+            Engine::Foreshadow => format!(
+                "CREATE EXTENSION foreshadow; CREATE ROLE {SIDECAR_ROLE} LOGIN REPLICATION; \
+                 SELECT foreshadow.grant_sidecar('{SIDECAR_ROLE}');"
+            ),
+            Engine::Pglogical => format!(
+                "CREATE EXTENSION pglogical; SELECT pglogical.create_node(node_name := '{}', dsn := '{}');",
+                r.name,
+                admin_dsn(r.port, DATABASE)
+            ),
+            Engine::Plain => return Ok(()),
+        };
+        app.batch_execute(&sql).await.map_err(|e| {
+            format!(
+                "installing {} in region {}: {e} (is it installed? `make install`)",
+                self.spec.engine.name(),
+                r.name
+            )
+        })
+    }
+
+    /// pglogical two-way: region `r` subscribes to every other region through
+    /// the WAN proxy, without forwarding what that region itself received.
+    async fn subscribe_pglogical(&self, r: &Region) -> Result<(), String> {
+        let app = connect(&r.dsn).await?;
+        for peer in self.spec.regions.iter().filter(|p| p.name != r.name) {
+            let link = self.spec.link(&r.name, &peer.name);
+            app.execute(
+                "SELECT pglogical.create_subscription(subscription_name := $1, provider_dsn := $2, \
+                 replication_sets := ARRAY['default'], synchronize_structure := false, \
+                 synchronize_data := false, forward_origins := '{}')",
+                &[
+                    &format!("from_{}", peer.name.replace('-', "_")),
+                    &admin_dsn(link.listen_port, DATABASE),
+                ],
+            )
+            .await
+            .map_err(|e| format!("region {}: subscribing to {}: {e}", r.name, peer.name))?;
+        }
+        Ok(())
+    }
+
+    /// Makes `table` (already created with the same schema in every region)
+    /// replicated by the lab's engine. `counters` are columns whose concurrent
+    /// increments must add up: Foreshadow's `counter` strategy; pglogical has
+    /// no such thing and replicates them like any column.
+    pub async fn replicate_table(
+        &self,
+        table: &str,
+        counters: &[&str],
+        announce_existing: bool,
+    ) -> Result<(), String> {
+        for r in &self.spec.regions {
+            let c = self.client(&r.name).await?;
+            let done = match self.spec.engine {
+                Engine::Foreshadow => {
+                    let made = c
+                        .execute(
+                            "SELECT foreshadow.make_global($1::text::regclass, announce_existing := $2)",
+                            &[&table, &announce_existing],
+                        )
+                        .await;
+                    let mut done = made.map(|_| ());
+                    for col in counters {
+                        if done.is_ok() {
+                            done = c
+                                .execute(
+                                    "SELECT foreshadow.set_column_strategy($1::text::regclass, $2, 'counter')",
+                                    &[&table, col],
+                                )
+                                .await
+                                .map(|_| ());
+                        }
+                    }
+                    done
+                }
+                Engine::Pglogical => c
+                    .execute(
+                        "SELECT pglogical.replication_set_add_table('default', $1::text::regclass, synchronize_data := false)",
+                        &[&table],
+                    )
+                    .await
+                    .map(|_| ()),
+                Engine::Plain => Ok(()),
+            };
+            done.map_err(|e| format!("region {}: replicating {table}: {e}", r.name))?;
+        }
+        Ok(())
     }
 
     pub fn cluster(&self, region: &str) -> Cluster {
@@ -267,16 +363,27 @@ impl Lab {
         std::fs::write(self.sidecar_pid_file(region), pid.to_string()).map_err(|e| e.to_string())
     }
 
-    /// Waits until every sidecar has its slot on every peer: from then on,
-    /// every committed write reaches every region.
+    /// Waits until every region's link from every peer is up (Foreshadow: the
+    /// sidecar's slot exists; pglogical: the subscription is replicating):
+    /// from then on, every committed write reaches every region.
     pub async fn wait_replicating(&self, timeout: Duration) -> Result<(), String> {
+        let (sql, expected) = match self.spec.engine {
+            Engine::Foreshadow if self.spec.regions.len() > 1 => (
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'foreshadow\\_%'",
+                self.spec.regions.len() - 1,
+            ),
+            Engine::Pglogical => (
+                "SELECT count(*) FROM pglogical.show_subscription_status() WHERE status = 'replicating'",
+                self.spec.regions.len() - 1,
+            ),
+            _ => return Ok(()),
+        };
         let deadline = Instant::now() + timeout;
         for r in &self.spec.regions {
-            let expected = self.spec.regions.len() - 1;
             loop {
                 let n = match connect(&r.dsn).await {
                     Ok(c) => c
-                        .query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'foreshadow\\_%'", &[])
+                        .query_one(sql, &[])
                         .await
                         .map(|row| row.get::<_, i64>(0) as usize)
                         .unwrap_or(0),
@@ -287,7 +394,7 @@ impl Lab {
                 }
                 if Instant::now() > deadline {
                     return Err(format!(
-                        "region {} has {n} of {expected} peer slots after {timeout:?}; see {}/*/sidecar.log",
+                        "region {} has {n} of {expected} peer links replicating after {timeout:?}; see {}/*/*.log",
                         r.name,
                         self.dir.display()
                     ));
@@ -348,6 +455,51 @@ impl Lab {
         } else {
             std::fs::remove_dir_all(&self.dir)
                 .map_err(|e| format!("cannot remove {}: {e}", self.dir.display()))
+        }
+    }
+
+    /// Connection string for database `db` of `region`, as the superuser.
+    pub fn dsn(&self, region: &str, db: &str) -> Result<String, String> {
+        Ok(admin_dsn(self.spec.region(region)?.port, db))
+    }
+
+    /// Waits until each of `tables` has the same rows in every region, by an
+    /// order-independent md5 of the rows that needs no Foreshadow function
+    /// (so it works for every engine).
+    pub async fn wait_identical(&self, tables: &[&str], timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let sql = tables
+            .iter()
+            .map(|t| {
+                format!(
+                    "(SELECT md5(coalesce(string_agg(h, '' ORDER BY h), '')) FROM (SELECT md5(t::text) AS h FROM {t} AS t) AS s)"
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" || ");
+        loop {
+            let mut seen = Vec::new();
+            for r in &self.spec.regions {
+                let d = match self.client(&r.name).await {
+                    Ok(c) => c
+                        .query_one(&format!("SELECT {sql}"), &[])
+                        .await
+                        .ok()
+                        .map(|row| row.get::<_, String>(0)),
+                    Err(_) => None,
+                };
+                seen.push(d);
+            }
+            if seen[0].is_some() && seen.iter().all(|d| *d == seen[0]) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{} not identical in every region after {timeout:?}",
+                    tables.join(", ")
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 

@@ -2,6 +2,7 @@
 //! sidecars, a WAN-delay proxy) for the demo, the integration tests, fault
 //! injection and the benchmarks.
 
+pub mod bench;
 pub mod cluster;
 pub mod demo;
 pub mod lab;

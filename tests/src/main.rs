@@ -1,16 +1,20 @@
 //! `foreshadow-lab`: see `usage()`.
 
+use foreshadow_lab::bench;
 use foreshadow_lab::demo::{self, DemoOptions};
+use foreshadow_lab::spec::Engine;
 use foreshadow_lab::{Fault, Lab, UpOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 fn usage() -> &'static str {
     "usage:
-  foreshadow-lab up --dir DIR --regions N [--wan-ms MS]
+  foreshadow-lab up --dir DIR --regions N [--wan-ms MS] [--engine foreshadow|pglogical|plain]
   foreshadow-lab down --dir DIR [--keep]
   foreshadow-lab fault --dir DIR --region NAME <kill-sidecar|start-sidecar|stop-pg|start-pg|cut|heal>
-  foreshadow-lab demo [--dir DIR] [--regions N] [--wan-ms MS] [--seconds S] [--hot-keys K] [--keep]"
+  foreshadow-lab demo [--dir DIR] [--regions N] [--wan-ms MS] [--seconds S] [--hot-keys K] [--keep]
+  foreshadow-lab bench <overhead|lag|conflicts|catchup|all> [--regions N] [--wan-ms MS] [--seconds S] [--quick]
+                 [--scale N] [--clients N] [--rate ROWS_PER_S] [--hot-keys K] [--out DIR]"
 }
 
 struct Args {
@@ -19,7 +23,7 @@ struct Args {
     positional: Vec<String>,
 }
 
-const SWITCHES: [&str; 1] = ["--keep"];
+const SWITCHES: [&str; 2] = ["--keep", "--quick"];
 
 fn parse() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
@@ -67,11 +71,12 @@ impl Args {
 async fn dispatch(args: Args) -> Result<(), String> {
     match args.command.as_str() {
         "up" => {
-            args.check_known(&["--dir", "--regions", "--wan-ms"])?;
+            args.check_known(&["--dir", "--regions", "--wan-ms", "--engine"])?;
             let lab = Lab::up(UpOptions {
                 dir: args.get("--dir", None)?,
                 regions: args.get("--regions", Some(3))?,
                 wan_ms: args.get("--wan-ms", Some(0))?,
+                engine: args.get("--engine", Some(Engine::Foreshadow))?,
             })
             .await?;
             for r in &lab.spec.regions {
@@ -118,6 +123,54 @@ async fn dispatch(args: Args) -> Result<(), String> {
                 keep: args.flags.contains_key("--keep"),
             })
             .await
+        }
+        "bench" => {
+            args.check_known(&[
+                "--regions",
+                "--wan-ms",
+                "--seconds",
+                "--quick",
+                "--scale",
+                "--clients",
+                "--rate",
+                "--hot-keys",
+                "--out",
+            ])?;
+            let [which] = args.positional.as_slice() else {
+                return Err(format!("bench needs one scenario\n{}", usage()));
+            };
+            let scenarios = if which == "all" {
+                bench::Scenario::ALL.to_vec()
+            } else {
+                vec![which.parse::<bench::Scenario>()?]
+            };
+            let quick = args.flags.contains_key("--quick");
+            let opts = bench::BenchOptions {
+                regions: args.get("--regions", Some(if quick { 2 } else { 3 }))?,
+                wan_ms: args.get("--wan-ms", Some(20))?,
+                seconds: args.get("--seconds", Some(if quick { 3 } else { 30 }))?,
+                quick,
+                scale: args.get("--scale", Some(if quick { 1 } else { 10 }))?,
+                clients: args.get("--clients", Some(if quick { 2 } else { 4 }))?,
+                rate: args.get("--rate", Some(if quick { 200 } else { 1000 }))?,
+                hot_keys: args.get("--hot-keys", Some(10))?,
+                out: args.get("--out", Some(bench::default_out()))?,
+                work: std::env::temp_dir(),
+            };
+            if !(2..=5).contains(&opts.regions)
+                || opts.seconds == 0
+                || opts.clients == 0
+                || opts.scale == 0
+            {
+                return Err(
+                    "bench needs 2 to 5 regions and positive --seconds, --clients and --scale"
+                        .into(),
+                );
+            }
+            for s in scenarios {
+                bench::run(s, &opts).await?;
+            }
+            Ok(())
         }
         // Internal: the WAN proxy daemon that `up` starts.
         "proxyd" => {

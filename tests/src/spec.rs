@@ -22,8 +22,45 @@ pub struct Link {
     pub target_port: u16,
 }
 
+/// What keeps the lab's regions in step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// Foreshadow: the extension in every region and a sidecar per region.
+    #[default]
+    Foreshadow,
+    /// pglogical 2: two-way subscriptions between every pair of regions.
+    Pglogical,
+    /// No replication at all: independent clusters, the baseline.
+    Plain,
+}
+
+impl Engine {
+    pub const ALL: [Engine; 3] = [Engine::Foreshadow, Engine::Pglogical, Engine::Plain];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Foreshadow => "foreshadow",
+            Engine::Pglogical => "pglogical",
+            Engine::Plain => "plain",
+        }
+    }
+}
+
+impl std::str::FromStr for Engine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Engine, String> {
+        Engine::ALL
+            .into_iter()
+            .find(|e| e.name() == s)
+            .ok_or_else(|| format!("unknown engine {s:?}: use foreshadow, pglogical or plain"))
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LabSpec {
+    #[serde(default)]
+    pub engine: Engine,
     pub regions: Vec<Region>,
     pub wan_ms: u64,
     pub links: Vec<Link>,

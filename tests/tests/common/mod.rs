@@ -36,6 +36,7 @@ pub async fn lab(name: &str, regions: usize, wan_ms: u64) -> TestLab {
         dir,
         regions,
         wan_ms,
+        engine: foreshadow_lab::spec::Engine::Foreshadow,
     })
     .await
     .expect("lab up");
