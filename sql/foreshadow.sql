@@ -90,11 +90,13 @@ SELECT v.relid::regclass AS table_name, v.key, foreshadow.hlc_text(v.hlc) AS hlc
        v.origin, v.vv, v.deleted
   FROM foreshadow.row_versions v;
 
--- The primary-key part of a row image.
+-- The primary-key part of a row image. Every name is schema-qualified
+-- instead of pinning search_path, which would cost a configuration change on
+-- every call (it runs once per captured row).
 CREATE FUNCTION foreshadow.key_of(row_image jsonb, pk_cols text[]) RETURNS jsonb
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
-AS $$ SELECT jsonb_object_agg(c, row_image -> c) FROM unnest(pk_cols) AS c $$;
+AS $$ SELECT pg_catalog.jsonb_object_agg(c, row_image OPERATOR(pg_catalog.->) c)
+        FROM pg_catalog.unnest(pk_cols) AS c $$;
 
 CREATE FUNCTION foreshadow.make_global(tbl regclass, strategy text DEFAULT 'lww',
                                        announce_existing boolean DEFAULT true) RETURNS void
@@ -298,11 +300,14 @@ $$;
 -- writer's transaction: the intent exists exactly when the write commits.
 -- One statement stamps the row: a fresh stamp from the region's clock, which
 -- has observed every stamp stored here, unless the row's stamp is ahead of
--- the clock (after a restart), then the next stamp above it.
+-- the clock (after a restart), then the next stamp above it; and the
+-- region's entry of the version vector goes up by one (VersionVector::bump,
+-- written in SQL here because this runs for every captured row).
+-- It runs inside capture (or make_global), whose search_path is pinned; not
+-- pinning it again saves a configuration change per row.
 CREATE FUNCTION foreshadow.record_write(tbl regclass, schema_name name, table_name name, strategy text,
                                         op text, k jsonb, row_image jsonb, delta jsonb) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_region text := foreshadow.region_name();
@@ -310,12 +315,15 @@ DECLARE
     v_vv     jsonb;
 BEGIN
     INSERT INTO foreshadow.row_versions AS v (relid, key, hlc, origin, vv, deleted)
-    VALUES (tbl, k, foreshadow.hlc_next(NULL), v_region, foreshadow.vv_bump('{}', v_region), op = 'delete')
+    VALUES (tbl, k, foreshadow.hlc_next(NULL), v_region, pg_catalog.jsonb_build_object(v_region, 1), op = 'delete')
     ON CONFLICT (relid, key) DO UPDATE
        SET hlc = CASE WHEN EXCLUDED.hlc > v.hlc THEN EXCLUDED.hlc ELSE foreshadow.hlc_next(v.hlc) END,
-           origin = EXCLUDED.origin, vv = foreshadow.vv_bump(v.vv, EXCLUDED.origin), deleted = EXCLUDED.deleted
+           origin = EXCLUDED.origin,
+           vv = v.vv OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object(EXCLUDED.origin,
+                    COALESCE((v.vv OPERATOR(pg_catalog.->>) EXCLUDED.origin)::bigint, 0) + 1),
+           deleted = EXCLUDED.deleted
     RETURNING v.hlc, v.vv INTO v_hlc, v_vv;
-    PERFORM pg_logical_emit_message(true, 'foreshadow', jsonb_build_object(
+    PERFORM pg_catalog.pg_logical_emit_message(true, 'foreshadow', pg_catalog.jsonb_build_object(
         'v', 1, 'origin', v_region, 'hlc', v_hlc,
         'schema', schema_name, 'table', table_name,
         'op', op, 'key', k, 'row', row_image, 'vv', v_vv, 'delta', delta,
@@ -351,7 +359,11 @@ BEGIN
         RETURN NULL;
     END IF;
     v_new := to_jsonb(NEW);
-    v_key := foreshadow.key_of(v_new, v_pk);
+    IF cardinality(v_pk) = 1 THEN
+        v_key := jsonb_build_object(v_pk[1], v_new -> v_pk[1]);  -- key_of, without a call
+    ELSE
+        v_key := foreshadow.key_of(v_new, v_pk);
+    END IF;
     IF TG_OP = 'UPDATE' THEN
         v_old := to_jsonb(OLD);
         IF foreshadow.key_of(v_old, v_pk) <> v_key THEN
@@ -489,6 +501,22 @@ BEGIN
 END
 $$;
 
+-- Applies one peer transaction's intents and records, in the same local
+-- transaction, that the peer is applied up to origin_lsn (the session must
+-- have set up its replication origin): exactly once across crashes.
+CREATE FUNCTION foreshadow.apply_transaction(intents jsonb, origin_lsn pg_lsn, origin_commit timestamptz)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n integer := foreshadow.apply_intents(intents);
+BEGIN
+    PERFORM pg_replication_origin_xact_setup(origin_lsn, origin_commit);
+    RETURN n;
+END
+$$;
+
 -- Keeps an intent that cannot be applied, with the reason, and says so.
 CREATE FUNCTION foreshadow.reject_intent(origin text, reason text, intent text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER
@@ -527,6 +555,7 @@ BEGIN
     EXECUTE format('GRANT USAGE ON SCHEMA foreshadow TO %s', role_name);
     EXECUTE format('GRANT SELECT ON foreshadow.dead_letters TO %s', role_name);
     EXECUTE format('GRANT EXECUTE ON FUNCTION foreshadow.apply_intents(jsonb), '
+                   'foreshadow.apply_transaction(jsonb, pg_lsn, timestamptz), '
                    'foreshadow.reject_intent(text, text, text) TO %s', role_name);
     EXECUTE format('GRANT EXECUTE ON FUNCTION pg_catalog.pg_replication_origin_create(text), '
                    'pg_catalog.pg_replication_origin_oid(text), '
@@ -556,7 +585,8 @@ CREATE EVENT TRIGGER foreshadow_sql_drop ON sql_drop EXECUTE FUNCTION foreshadow
 REVOKE EXECUTE ON FUNCTION foreshadow.make_global(regclass, text, boolean), foreshadow.drop_global(regclass),
     foreshadow.refresh_table(regclass), foreshadow.set_column_strategy(regclass, name, text),
     foreshadow.record_write(regclass, name, name, text, text, jsonb, jsonb, jsonb), foreshadow.apply_intent(jsonb),
-    foreshadow.apply_intents(jsonb), foreshadow.reject_intent(text, text, text),
+    foreshadow.apply_intents(jsonb), foreshadow.apply_transaction(jsonb, pg_lsn, timestamptz),
+    foreshadow.reject_intent(text, text, text),
     foreshadow.grant_sidecar(regrole), foreshadow.hlc_observe(bigint) FROM PUBLIC;
 GRANT USAGE ON SCHEMA foreshadow TO PUBLIC;
 GRANT SELECT ON foreshadow.global_tables, foreshadow.strategies, foreshadow.peer_stats TO PUBLIC;

@@ -64,6 +64,13 @@ impl ApplySession {
             )
             .await
             .map_err(map)?;
+        // Safe without waiting for the flush: the origin's progress is in the
+        // same commit record, so after a crash the peer's transactions past
+        // the last durable commit are read from the slot again.
+        client
+            .batch_execute("SET synchronous_commit = off")
+            .await
+            .map_err(map)?;
         Ok(ApplySession {
             client,
             peer: peer.to_owned(),
@@ -89,22 +96,30 @@ impl ApplySession {
         }
     }
 
-    /// Applies transactions past `progress` in one local transaction and
-    /// records the new progress in it. Malformed intents are kept in
-    /// `foreshadow.dead_letters` with the reason, not applied.
+    /// Applies the transactions past `progress`, each in a local transaction
+    /// of its own that also records the new progress, in the peer's commit
+    /// order. One per peer transaction (not one per batch) keeps row locks
+    /// as short as the peer's own transaction held them, so local writers
+    /// are not queued behind a whole batch and lock order is the writer's
+    /// (no deadlocks between apply and local transactions doing the same
+    /// work). Malformed intents are kept in `foreshadow.dead_letters` with
+    /// the reason, not applied.
     pub async fn apply(&mut self, txns: &[Transaction], progress: Lsn) -> Result<Applied, Error> {
-        let todo: Vec<&Transaction> = txns.iter().filter(|t| t.end_lsn > progress).collect();
-        let Some(last) = todo.last() else {
-            return Ok(Applied::default());
-        };
+        let mut applied = Applied::default();
+        for t in txns.iter().filter(|t| t.end_lsn > progress) {
+            let (changed, rejected) = self.apply_one(t).await?;
+            applied.transactions += 1;
+            applied.intents += t.intents.len();
+            applied.changed_rows += changed;
+            applied.rejected += rejected;
+        }
+        Ok(applied)
+    }
+
+    async fn apply_one(&mut self, t: &Transaction) -> Result<(i32, usize), Error> {
         let mut batch = Vec::from(&b"["[..]);
         let mut rejected = Vec::new();
-        let mut applied = Applied {
-            transactions: todo.len(),
-            ..Applied::default()
-        };
-        for raw in todo.iter().flat_map(|t| t.intents.iter()) {
-            applied.intents += 1;
+        for raw in &t.intents {
             match Intent::decode(raw) {
                 Ok(_) => {
                     if batch.len() > 1 {
@@ -119,6 +134,19 @@ impl ApplySession {
         let batch = String::from_utf8(batch).map_err(|e| Error::protocol("intent batch", e))?;
         let ctx = format!("applying intents from peer {}", self.peer);
         let map = |e| Error::from_pg(ctx.clone(), e);
+        let (lsn, at) = (t.end_lsn.to_string(), pg_epoch_us_to_utc(t.timestamp_us));
+        const APPLY: &str =
+            "SELECT foreshadow.apply_transaction($1::text::jsonb, $2::text::pg_lsn, $3)";
+        if rejected.is_empty() {
+            // The common case: one statement, its own implicit transaction,
+            // one round trip.
+            let row = self
+                .client
+                .query_one(APPLY, &[&batch, &lsn, &at])
+                .await
+                .map_err(map)?;
+            return Ok((row.get(0), 0));
+        }
         let tx = self.client.transaction().await.map_err(map)?;
         for (raw, reason) in &rejected {
             tracing::warn!(peer = %self.peer, %reason, "malformed intent kept in foreshadow.dead_letters");
@@ -130,25 +158,11 @@ impl ApplySession {
             .map_err(map)?;
         }
         let row = tx
-            .query_one(
-                "SELECT foreshadow.apply_intents($1::text::jsonb)",
-                &[&batch],
-            )
+            .query_one(APPLY, &[&batch, &lsn, &at])
             .await
             .map_err(map)?;
-        applied.changed_rows = row.get(0);
-        applied.rejected = rejected.len();
-        tx.execute(
-            "SELECT pg_catalog.pg_replication_origin_xact_setup($1::text::pg_lsn, $2)",
-            &[
-                &last.end_lsn.to_string(),
-                &pg_epoch_us_to_utc(last.timestamp_us),
-            ],
-        )
-        .await
-        .map_err(map)?;
         tx.commit().await.map_err(map)?;
-        Ok(applied)
+        Ok((row.get(0), rejected.len()))
     }
 }
 
