@@ -42,6 +42,15 @@ impl Error {
         }
     }
 
+    /// A failure that waiting and retrying can cure (network, server restart).
+    pub fn transient(context: impl Into<String>, message: impl fmt::Display) -> Error {
+        Error {
+            kind: Kind::Transient,
+            context: context.into(),
+            message: message.to_string(),
+        }
+    }
+
     pub fn timeout(context: impl Into<String>) -> Error {
         Error {
             kind: Kind::Transient,

@@ -9,7 +9,8 @@ pub mod error;
 mod peer;
 pub mod pgoutput;
 pub mod shutdown;
-pub mod source;
+pub mod slot;
+pub mod stream;
 
 pub use config::Config;
 

@@ -1,13 +1,15 @@
-//! Replicating from one peer: connect, read its intents, apply them here,
-//! advance its slot; on any failure wait (doubling up to a bound) and start
-//! over from the durable progress. The peer's state is logged once per
-//! change, not once per retry.
+//! Replicating from one peer: stream its intents, apply each transaction
+//! here as soon as nothing more is waiting, confirm the durable progress
+//! back every second; on any failure wait (doubling up to a bound) and
+//! start over from the durable progress. The peer's state is logged once
+//! per change, not once per retry.
 
 use crate::apply::ApplySession;
 use crate::config::{ApplyConfig, Config, Peer};
 use crate::connect::connect;
 use crate::error::{Error, Kind};
-use crate::source::PeerSource;
+use crate::pgoutput::{Grouper, Lsn, Transaction};
+use crate::stream::{Event, ReplicationStream};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -89,25 +91,65 @@ async fn session(
     let timeout = config.apply.peer_timeout();
     let local = connect(&config.primary, "this region's primary", timeout).await?;
     let mut apply = ApplySession::open(local, &peer.name).await?;
-    let remote = connect(&peer.dsn, &format!("peer {}", peer.name), timeout).await?;
-    let source = PeerSource::open(remote, &peer.name, &config.region, timeout).await?;
+    let slot = {
+        let remote = connect(&peer.dsn, &format!("peer {}", peer.name), timeout).await?;
+        crate::slot::ensure(&remote, &peer.name, &config.region, timeout).await?
+    };
     let mut progress = apply.progress().await?;
+    let what = format!("replicating from peer {}", peer.name);
+    let mut stream = ReplicationStream::start(&peer.dsn, &slot, progress, &what, timeout).await?;
     link.set(LinkState::Replicating);
-    // The batch in flight always finishes: shutdown is only looked at between batches.
-    while !*shutdown.borrow() {
-        let txns = source.peek(batch_changes).await?;
-        let Some(last) = txns.last().map(|t| t.end_lsn) else {
-            if !pause(shutdown, config.apply.poll_interval()).await {
-                break;
+    let mut grouper = Grouper::default();
+    let mut pending: Vec<Transaction> = Vec::new();
+    let mut pending_intents = 0usize;
+    let mut received = progress;
+    let mut status = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        // Whatever has arrived is applied as soon as the peer has nothing
+        // more ready (or the batch is full): no waiting to fill batches.
+        let ready = !pending.is_empty();
+        let apply_now = tokio::select! {
+            biased;
+            _ = shutdown.changed() => return Ok(()),
+            event = stream.next() => match event? {
+                Event::Data(data) => {
+                    if let Some(t) = grouper.feed(&data).map_err(|e| Error::protocol(&what, e))? {
+                        received = t.end_lsn;
+                        pending_intents += t.intents.len();
+                        pending.push(t);
+                    }
+                    pending_intents >= batch_changes as usize
+                }
+                Event::ReplyRequested => {
+                    confirm(&mut stream, &apply, received).await?;
+                    false
+                }
+                Event::Keepalive => false,
+            },
+            _ = status.tick() => {
+                confirm(&mut stream, &apply, received).await?;
+                false
             }
-            continue;
+            _ = std::future::ready(()), if ready => true,
         };
-        let applied = apply.apply(&txns, progress).await?;
-        if applied.transactions > 0 {
-            tracing::debug!(peer = %peer.name, ?applied, upto = %last, "applied");
+        if apply_now {
+            let applied = apply.apply(&pending, progress).await?;
+            tracing::debug!(peer = %peer.name, ?applied, upto = %received, "applied");
+            progress = progress.max(pending.last().map(|t| t.end_lsn).unwrap_or(progress));
+            pending.clear();
+            pending_intents = 0;
         }
-        progress = progress.max(last);
-        source.advance(last).await?;
     }
-    Ok(())
+}
+
+/// Tells the peer what this region has durably applied (asynchronous
+/// commits may not be on disk yet: only flushed progress lets the peer
+/// release WAL).
+async fn confirm(
+    stream: &mut ReplicationStream,
+    apply: &ApplySession,
+    received: Lsn,
+) -> Result<(), Error> {
+    let flushed = apply.progress().await?;
+    stream.confirm(received.max(flushed), flushed).await
 }

@@ -131,22 +131,24 @@ pub struct Transaction {
     pub intents: Vec<Vec<u8>>,
 }
 
-/// Groups decoded rows into committed transactions. Rows arrive whole
-/// transactions at a time, so a batch never ends inside one; a trailing
-/// partial transaction (which would be a protocol surprise) is dropped and
-/// read again on the next poll.
-pub fn group(rows: &[Vec<u8>]) -> Result<Vec<Transaction>, DecodeError> {
-    let mut out = Vec::new();
-    let mut cur: Option<Transaction> = None;
-    for row in rows {
-        match decode(row)? {
-            Message::Begin { .. } => cur = Some(Transaction::default()),
+/// Assembles streamed pgoutput messages into committed transactions.
+#[derive(Default)]
+pub struct Grouper {
+    cur: Option<Transaction>,
+}
+
+impl Grouper {
+    /// Takes the next message; returns the transaction it completes, if any.
+    pub fn feed(&mut self, data: &[u8]) -> Result<Option<Transaction>, DecodeError> {
+        match decode(data)? {
+            Message::Begin { .. } => self.cur = Some(Transaction::default()),
             Message::Message {
                 transactional: true,
                 prefix,
                 content,
             } if prefix == MESSAGE_PREFIX => {
-                cur.as_mut()
+                self.cur
+                    .as_mut()
                     .ok_or(DecodeError("message outside a transaction"))?
                     .intents
                     .push(content.to_vec());
@@ -155,15 +157,15 @@ pub fn group(rows: &[Vec<u8>]) -> Result<Vec<Transaction>, DecodeError> {
                 end_lsn,
                 timestamp_us,
             } => {
-                let mut txn = cur.take().ok_or(DecodeError("commit without begin"))?;
+                let mut txn = self.cur.take().ok_or(DecodeError("commit without begin"))?;
                 txn.end_lsn = end_lsn;
                 txn.timestamp_us = timestamp_us;
-                out.push(txn);
+                return Ok(Some(txn));
             }
             Message::Message { .. } | Message::Other(_) => {}
         }
+        Ok(None)
     }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -192,6 +194,15 @@ mod tests {
         v.extend(end.to_be_bytes());
         v.extend(3u64.to_be_bytes());
         v
+    }
+
+    fn group(rows: &[Vec<u8>]) -> Result<Vec<Transaction>, DecodeError> {
+        let mut g = Grouper::default();
+        let mut out = Vec::new();
+        for r in rows {
+            out.extend(g.feed(r)?);
+        }
+        Ok(out)
     }
 
     #[test]
