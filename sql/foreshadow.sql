@@ -31,6 +31,9 @@ CREATE TABLE foreshadow.tables (
     upsert_sql  text,
     delete_sql  text,
     counter_sql text,
+    -- Locks the user's row before its version is read, the order in which
+    -- a local write takes the two locks.
+    lock_sql    text,
     created_at  timestamptz NOT NULL DEFAULT now(),
     UNIQUE (schema_name, table_name)
 );
@@ -234,6 +237,9 @@ BEGIN
            delete_sql = format('DELETE FROM %s AS t USING jsonb_populate_record(%s, $1) AS k WHERE %s',
                                v_target, v_type,
                                (SELECT string_agg(format('t.%1$I = k.%1$I', c), ' AND ') FROM unnest(t.pk_cols) AS c)),
+           lock_sql = format('SELECT 1 FROM %s AS t, jsonb_populate_record(%s, $1) AS k WHERE %s FOR UPDATE OF t',
+                             v_target, v_type,
+                             (SELECT string_agg(format('t.%1$I = k.%1$I', c), ' AND ') FROM unnest(t.pk_cols) AS c)),
            counter_sql = CASE WHEN cardinality(t.counter_cols) > 0 THEN
                    format('UPDATE %s AS t SET %s FROM jsonb_populate_record(%s, $1) AS k WHERE %s',
                           v_target,
@@ -398,80 +404,46 @@ BEGIN
 END
 $$;
 
--- Applies one peer intent under last-writer-wins (counter columns: the
--- increment is added whether the rest of the write wins or not). Says
--- whether it changed the row and whether it was a conflict (concurrent
--- with this region's version). An intent that cannot be applied goes to
--- dead_letters with the reason (a WARNING says so) and replication goes on;
--- lock conflicts and cancellations are raised so that the sidecar retries.
+-- Applies one peer intent (the rules are foreshadow.apply_one, in Rust) in a
+-- subtransaction: an intent that cannot be applied goes to dead_letters with
+-- the reason (a WARNING says so) and replication goes on; lock conflicts and
+-- cancellations are raised so that the sidecar retries.
 CREATE FUNCTION foreshadow.apply_intent(i jsonb, OUT changed boolean, OUT conflict boolean)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
-DECLARE
-    t         foreshadow.tables;
-    cur       record;
-    k         jsonb := i -> 'key';
-    in_hlc    bigint := (i ->> 'hlc')::bigint;
-    in_origin text := i ->> 'origin';
-    v_deleted boolean := (i ->> 'op') = 'delete';
-    v_delta   jsonb := nullif(i -> 'delta', 'null');
 BEGIN
-    changed := false;
-    conflict := false;
-    SELECT * INTO t FROM foreshadow.tables WHERE schema_name = i ->> 'schema' AND table_name = i ->> 'table';
-    IF NOT FOUND THEN
-        PERFORM foreshadow.reject_intent(in_origin,
-            format('table %I.%I is not a global table in this region', i ->> 'schema', i ->> 'table'), i::text);
-        RETURN;
-    END IF;
-    IF NOT v_deleted AND cardinality(t.counter_cols) > 0
-       AND NOT coalesce(v_delta ?& t.counter_cols, false) THEN
-        PERFORM foreshadow.reject_intent(in_origin,
-            format('intent for %s lacks increments for counter columns %s: are the columns counters in region %s?',
-                   t.relid::regclass, t.counter_cols, in_origin), i::text);
-        RETURN;
-    END IF;
-    PERFORM foreshadow.hlc_observe(in_hlc);
-    BEGIN
-        SELECT v.hlc, v.origin, v.vv, v.deleted INTO cur FROM foreshadow.row_versions v
-         WHERE v.relid = t.relid AND v.key = k FOR UPDATE;
-        conflict := cur.vv IS NOT NULL AND foreshadow.vv_compare(cur.vv, i -> 'vv') = 'concurrent';
-        IF NOT foreshadow.lww_wins(in_hlc, in_origin, cur.hlc, cur.origin) THEN
-            -- The current version supersedes this write; remember it was seen,
-            -- and keep its increments unless the row is deleted.
-            UPDATE foreshadow.row_versions v SET vv = foreshadow.vv_merge(v.vv, i -> 'vv')
-             WHERE v.relid = t.relid AND v.key = k;
-            IF t.counter_sql IS NOT NULL AND v_delta IS NOT NULL AND NOT cur.deleted THEN
-                EXECUTE t.counter_sql USING k || v_delta;
-                changed := true;
-            END IF;
-            RETURN;
-        END IF;
-        IF v_deleted THEN
-            EXECUTE t.delete_sql USING k;
-        ELSE
-            EXECUTE t.upsert_sql USING (i -> 'row') || coalesce(v_delta, '{}');
-        END IF;
-        INSERT INTO foreshadow.row_versions AS v (relid, key, hlc, origin, vv, deleted)
-        VALUES (t.relid, k, in_hlc, in_origin, foreshadow.vv_merge(coalesce(cur.vv, '{}'), i -> 'vv'), v_deleted)
-        ON CONFLICT (relid, key) DO UPDATE
-           SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin, vv = EXCLUDED.vv, deleted = EXCLUDED.deleted;
-        changed := true;
-    EXCEPTION
-        WHEN deadlock_detected OR serialization_failure OR lock_not_available
-          OR query_canceled OR admin_shutdown OR too_many_connections THEN
-            RAISE;
-        WHEN OTHERS THEN
-            PERFORM foreshadow.reject_intent(in_origin,
-                format('applying to %s failed: %s (SQLSTATE %s)', t.relid::regclass, SQLERRM, SQLSTATE), i::text);
-            changed := false;
-            conflict := false;
-    END;
+    SELECT a.changed, a.conflict INTO changed, conflict FROM foreshadow.apply_one(i::text) AS a;
+EXCEPTION
+    WHEN deadlock_detected OR serialization_failure OR lock_not_available
+      OR query_canceled OR admin_shutdown OR too_many_connections THEN
+        RAISE;
+    WHEN OTHERS THEN
+        PERFORM foreshadow.reject_intent(i ->> 'origin',
+            format('applying to %I.%I failed: %s (SQLSTATE %s)', i ->> 'schema', i ->> 'table', SQLERRM, SQLSTATE),
+            i::text);
+        changed := false;
+        conflict := false;
 END
 $$;
 
--- Applies a batch of peer intents (a JSON array) in the caller's transaction.
+-- Counts a peer's applied intents in peer_stats, in the applying transaction.
+CREATE FUNCTION foreshadow.count_applied(origin text, intents integer, changed integer, conflicts integer)
+RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO foreshadow.peer_stats AS s (origin, intents, changed_rows, conflicts, last_applied_at)
+    VALUES (origin, intents, changed, conflicts, now())
+    ON CONFLICT (origin) DO UPDATE
+       SET intents = s.intents + EXCLUDED.intents,
+           changed_rows = s.changed_rows + EXCLUDED.changed_rows,
+           conflicts = s.conflicts + EXCLUDED.conflicts,
+           last_applied_at = EXCLUDED.last_applied_at
+$$;
+
+-- Applies a batch of one peer's intents (a JSON array) intent by intent, in
+-- the caller's transaction.
 CREATE FUNCTION foreshadow.apply_intents(intents jsonb) RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -487,24 +459,17 @@ BEGIN
         n := n + r.changed::integer;
         c := c + r.conflict::integer;
     END LOOP;
-    -- A batch holds one peer's intents (applied writes are never re-emitted).
     IF jsonb_array_length(intents) > 0 THEN
-        INSERT INTO foreshadow.peer_stats AS s (origin, intents, changed_rows, conflicts, last_applied_at)
-        VALUES (intents -> 0 ->> 'origin', jsonb_array_length(intents), n, c, now())
-        ON CONFLICT (origin) DO UPDATE
-           SET intents = s.intents + EXCLUDED.intents,
-               changed_rows = s.changed_rows + EXCLUDED.changed_rows,
-               conflicts = s.conflicts + EXCLUDED.conflicts,
-               last_applied_at = EXCLUDED.last_applied_at;
+        PERFORM foreshadow.count_applied(intents -> 0 ->> 'origin', jsonb_array_length(intents), n, c);
     END IF;
     RETURN n;
 END
 $$;
 
--- Applies one peer transaction's intents and records, in the same local
--- transaction, that the peer is applied up to origin_lsn (the session must
--- have set up its replication origin): exactly once across crashes.
-CREATE FUNCTION foreshadow.apply_transaction(intents jsonb, origin_lsn pg_lsn, origin_commit timestamptz)
+-- The sidecar's fallback when foreshadow.apply_transaction failed: the same
+-- peer transaction intent by intent, each failing intent kept as a dead
+-- letter, and the peer's progress recorded in the same transaction.
+CREATE FUNCTION foreshadow.apply_transaction_safely(intents jsonb, origin_lsn pg_lsn, origin_commit timestamptz)
 RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -555,7 +520,8 @@ BEGIN
     EXECUTE format('GRANT USAGE ON SCHEMA foreshadow TO %s', role_name);
     EXECUTE format('GRANT SELECT ON foreshadow.dead_letters TO %s', role_name);
     EXECUTE format('GRANT EXECUTE ON FUNCTION foreshadow.apply_intents(jsonb), '
-                   'foreshadow.apply_transaction(jsonb, pg_lsn, timestamptz), '
+                   'foreshadow.apply_transaction(text, text, text, timestamptz), '
+                   'foreshadow.apply_transaction_safely(jsonb, pg_lsn, timestamptz), '
                    'foreshadow.reject_intent(text, text, text) TO %s', role_name);
     EXECUTE format('GRANT EXECUTE ON FUNCTION pg_catalog.pg_replication_origin_create(text), '
                    'pg_catalog.pg_replication_origin_oid(text), '
@@ -585,7 +551,9 @@ CREATE EVENT TRIGGER foreshadow_sql_drop ON sql_drop EXECUTE FUNCTION foreshadow
 REVOKE EXECUTE ON FUNCTION foreshadow.make_global(regclass, text, boolean), foreshadow.drop_global(regclass),
     foreshadow.refresh_table(regclass), foreshadow.set_column_strategy(regclass, name, text),
     foreshadow.record_write(regclass, name, name, text, text, jsonb, jsonb, jsonb), foreshadow.apply_intent(jsonb),
-    foreshadow.apply_intents(jsonb), foreshadow.apply_transaction(jsonb, pg_lsn, timestamptz),
+    foreshadow.apply_intents(jsonb), foreshadow.apply_transaction(text, text, text, timestamptz),
+    foreshadow.apply_transaction_safely(jsonb, pg_lsn, timestamptz), foreshadow.apply_one(text),
+    foreshadow.count_applied(text, integer, integer, integer),
     foreshadow.reject_intent(text, text, text),
     foreshadow.grant_sidecar(regrole), foreshadow.hlc_observe(bigint) FROM PUBLIC;
 GRANT USAGE ON SCHEMA foreshadow TO PUBLIC;

@@ -42,12 +42,16 @@ fn hlc_next(floor: Option<i64>) -> i64 {
     tick(Hlc(floor.unwrap_or(0).max(0) as u64)).0 as i64
 }
 
+/// Records that this region has seen a peer's stamp: later local stamps
+/// are above it.
+pub fn observe(remote: Hlc) {
+    CLOCK.get().fetch_max(remote.0, Ordering::AcqRel);
+}
+
 /// Records that this region has seen a peer's stamp.
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn hlc_observe(remote: i64) {
-    CLOCK
-        .get()
-        .fetch_max(remote.max(0) as u64, Ordering::AcqRel);
+    observe(Hlc(remote.max(0) as u64));
 }
 
 /// Human-readable form of a stamp: `milliseconds.counter`.

@@ -4,6 +4,7 @@
 
 use pgrx::prelude::*;
 
+mod apply;
 mod clock;
 mod errors;
 mod gucs;

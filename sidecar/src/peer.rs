@@ -95,7 +95,9 @@ async fn session(
         let remote = connect(&peer.dsn, &format!("peer {}", peer.name), timeout).await?;
         crate::slot::ensure(&remote, &peer.name, &config.region, timeout).await?
     };
-    let mut progress = apply.progress().await?;
+    // Where applying resumes: the last commit here, flushed or not (the
+    // in-memory origin position, which is what `apply_transaction` checks).
+    let mut progress = apply.progress(false).await?;
     let what = format!("replicating from peer {}", peer.name);
     let mut stream = ReplicationStream::start(&peer.dsn, &slot, progress, &what, timeout).await?;
     link.set(LinkState::Replicating);
@@ -150,6 +152,6 @@ async fn confirm(
     apply: &ApplySession,
     received: Lsn,
 ) -> Result<(), Error> {
-    let flushed = apply.progress().await?;
+    let flushed = apply.progress(true).await?;
     stream.confirm(received.max(flushed), flushed).await
 }

@@ -1,0 +1,374 @@
+//! Applying peers' intents: the one implementation of the apply rules, in
+//! Rust with plans prepared once per backend (the plpgsql version re-planned
+//! every statement of every intent). `apply_transaction` applies a whole
+//! peer transaction in one call; `apply_one` is the same rule for a single
+//! intent, which the SQL function `foreshadow.apply_intent` wraps in a
+//! subtransaction so that an intent that fails is kept as a dead letter.
+//!
+//! Locks are taken in the order local writes take them (the user's row,
+//! then its version), so an apply and a local write of the same row queue
+//! behind each other instead of deadlocking.
+
+use foreshadow_model::lww::{incoming_wins, Stamp};
+use foreshadow_model::{Causality, Hlc, Intent, Op, VersionVector};
+use pgrx::datum::{DatumWithOid, TimestampWithTimeZone};
+use pgrx::pg_sys::{self, PgOid};
+use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+use pgrx::JsonB;
+use serde_json::{Map, Value};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+thread_local! {
+    /// Prepared plans by SQL text. The per-table statements embed the
+    /// table's name, so a table made global again gets its own entry;
+    /// PostgreSQL re-plans a kept plan itself when a table's schema changes.
+    static PLANS: RefCell<HashMap<String, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
+}
+
+const TABLE_SQL: &str =
+    "SELECT relid, counter_cols, upsert_sql, delete_sql, counter_sql, lock_sql \
+     FROM foreshadow.tables WHERE schema_name = $1::name AND table_name = $2::name";
+const VERSION_SQL: &str =
+    "SELECT hlc::text, origin, vv::text, deleted::text FROM foreshadow.row_versions \
+     WHERE relid = $1 AND key = $2 FOR UPDATE";
+const STAMP_SQL: &str = "INSERT INTO foreshadow.row_versions AS v (relid, key, hlc, origin, vv, deleted) \
+     VALUES ($1, $2, $3, $4, $5::jsonb, $6) ON CONFLICT (relid, key) DO UPDATE \
+     SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin, vv = EXCLUDED.vv, deleted = EXCLUDED.deleted";
+const SEEN_SQL: &str =
+    "UPDATE foreshadow.row_versions SET vv = $3::jsonb WHERE relid = $1 AND key = $2";
+const REJECT_SQL: &str = "SELECT foreshadow.reject_intent($1, $2, $3)";
+const COUNT_SQL: &str = "SELECT foreshadow.count_applied($1, $2, $3, $4)";
+const IN_STEP_SQL: &str =
+    "SELECT (coalesce(pg_catalog.pg_replication_origin_session_progress(false), '0/0') \
+     = $1::pg_lsn)::text";
+const PROGRESS_SQL: &str = "SELECT pg_catalog.pg_replication_origin_xact_setup($1::pg_lsn, $2)";
+
+/// Runs `sql` with a plan prepared on first use and kept for the backend.
+fn run<'a>(
+    client: &mut SpiClient<'_>,
+    sql: &str,
+    types: &[pg_sys::Oid],
+    args: &[DatumWithOid<'a>],
+) -> Vec<Vec<Option<Value>>> {
+    PLANS.with(|plans| {
+        let mut plans = plans.borrow_mut();
+        if !plans.contains_key(sql) {
+            let types: Vec<PgOid> = types.iter().map(|&t| PgOid::from(t)).collect();
+            let plan = client
+                .prepare_mut(sql, &types)
+                .unwrap_or_else(|e| panic!("preparing {sql}: {e}"))
+                .keep();
+            plans.insert(sql.to_string(), plan);
+        }
+        let plan = &plans[sql];
+        let table = client
+            .update(plan, None, args)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let mut out = Vec::new();
+        for row in table {
+            let mut cols = Vec::new();
+            for i in 1..=row.columns() {
+                cols.push(row.get::<String>(i).ok().flatten().map(Value::String));
+            }
+            out.push(cols);
+        }
+        // Result sets live until SPI disconnects; a peer transaction can
+        // hold thousands of intents, so free each one now.
+        unsafe { pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable) };
+        out
+    })
+}
+
+/// What one global table needs for applying.
+struct Table {
+    relid: pg_sys::Oid,
+    counter_cols: Vec<String>,
+    upsert_sql: String,
+    delete_sql: String,
+    counter_sql: Option<String>,
+    lock_sql: String,
+}
+
+fn lookup(client: &mut SpiClient<'_>, schema: &str, table: &str) -> Option<Table> {
+    let plan_types = [pg_sys::TEXTOID, pg_sys::TEXTOID];
+    PLANS.with(|plans| {
+        let mut plans = plans.borrow_mut();
+        if !plans.contains_key(TABLE_SQL) {
+            let types: Vec<PgOid> = plan_types.iter().map(|&t| PgOid::from(t)).collect();
+            let plan = client.prepare(TABLE_SQL, &types).expect("prepare").keep();
+            plans.insert(TABLE_SQL.to_string(), plan);
+        }
+        let rows = client
+            .select(&plans[TABLE_SQL], None, &[schema.into(), table.into()])
+            .expect("table lookup");
+        let row = rows.into_iter().next()?;
+        Some(Table {
+            relid: row.get::<pg_sys::Oid>(1).ok()??,
+            counter_cols: row.get::<Vec<String>>(2).ok()??,
+            upsert_sql: row.get::<String>(3).ok()??,
+            delete_sql: row.get::<String>(4).ok()??,
+            counter_sql: row.get::<String>(5).ok()?,
+            lock_sql: row.get::<String>(6).ok()??,
+        })
+    })
+}
+
+/// What applying one intent did.
+#[derive(Default, Clone, Copy)]
+struct Outcome {
+    changed: bool,
+    conflict: bool,
+}
+
+fn jsonb(map: &Map<String, Value>) -> DatumWithOid<'static> {
+    JsonB(Value::Object(map.clone())).into()
+}
+
+fn reject(client: &mut SpiClient<'_>, origin: &str, reason: String, raw: &str) {
+    run(
+        client,
+        REJECT_SQL,
+        &[pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTOID],
+        &[origin.into(), reason.into(), raw.into()],
+    );
+}
+
+/// Applies one intent under last-writer-wins, with counter columns adding
+/// their increments whether the rest of the write wins or not.
+fn apply_intent_in(
+    client: &mut SpiClient<'_>,
+    tables: &mut HashMap<(String, String), Option<Table>>,
+    i: &Intent,
+    raw: &str,
+) -> Outcome {
+    let key = (i.schema.clone(), i.table.clone());
+    let t = tables
+        .entry(key)
+        .or_insert_with(|| lookup(client, &i.schema, &i.table));
+    let Some(t) = t else {
+        let reason = format!(
+            "table {}.{} is not a global table in this region",
+            quote_ident(&i.schema),
+            quote_ident(&i.table)
+        );
+        reject(client, &i.origin, reason, raw);
+        return Outcome::default();
+    };
+    let delta = i.delta.clone().unwrap_or_default();
+    if i.op != Op::Delete && t.counter_cols.iter().any(|c| !delta.contains_key(c)) {
+        let reason = format!(
+            "intent for {}.{} lacks increments for counter columns {:?}: are the columns counters in region {}?",
+            quote_ident(&i.schema),
+            quote_ident(&i.table),
+            t.counter_cols,
+            i.origin
+        );
+        reject(client, &i.origin, reason, raw);
+        return Outcome::default();
+    }
+    let relid = t.relid;
+    run(client, &t.lock_sql, &[pg_sys::JSONBOID], &[jsonb(&i.key)]);
+    let cur = run(
+        client,
+        VERSION_SQL,
+        &[pg_sys::OIDOID, pg_sys::JSONBOID],
+        &[relid.into(), jsonb(&i.key)],
+    )
+    .into_iter()
+    .next()
+    .map(|row| {
+        let text = |k: usize| match &row[k] {
+            Some(Value::String(s)) => s.clone(),
+            _ => String::new(),
+        };
+        let vv: VersionVector = serde_json::from_str(&text(2)).unwrap_or_default();
+        (
+            text(0).parse::<u64>().unwrap_or(0),
+            text(1),
+            vv,
+            text(3) == "true",
+        )
+    });
+    let mut vv = cur.as_ref().map(|c| c.2.clone()).unwrap_or_default();
+    let conflict = cur.is_some() && vv.compare(&i.vv) == Causality::Concurrent;
+    vv.merge(&i.vv);
+    let vv_text = serde_json::to_string(&vv).expect("a version vector serialises");
+    let wins = incoming_wins(
+        Stamp {
+            hlc: i.hlc,
+            origin: &i.origin,
+        },
+        cur.as_ref().map(|c| Stamp {
+            hlc: Hlc(c.0),
+            origin: &c.1,
+        }),
+    );
+    if !wins {
+        // The current version supersedes this write: remember it was seen,
+        // and keep its increments unless the row is deleted.
+        run(
+            client,
+            SEEN_SQL,
+            &[pg_sys::OIDOID, pg_sys::JSONBOID, pg_sys::TEXTOID],
+            &[relid.into(), jsonb(&i.key), vv_text.into()],
+        );
+        let deleted = cur.as_ref().map(|c| c.3).unwrap_or(false);
+        let changed = match (&t.counter_sql, i.delta.is_some() && !deleted) {
+            (Some(sql), true) => {
+                let mut k = i.key.clone();
+                k.extend(delta);
+                run(client, sql, &[pg_sys::JSONBOID], &[jsonb(&k)]);
+                true
+            }
+            _ => false,
+        };
+        return Outcome { changed, conflict };
+    }
+    match (&i.op, &i.row) {
+        (Op::Delete, _) | (_, None) => {
+            run(client, &t.delete_sql, &[pg_sys::JSONBOID], &[jsonb(&i.key)]);
+        }
+        (_, Some(row)) => {
+            let mut image = row.clone();
+            image.extend(delta);
+            run(client, &t.upsert_sql, &[pg_sys::JSONBOID], &[jsonb(&image)]);
+        }
+    }
+    run(
+        client,
+        STAMP_SQL,
+        &[
+            pg_sys::OIDOID,
+            pg_sys::JSONBOID,
+            pg_sys::INT8OID,
+            pg_sys::TEXTOID,
+            pg_sys::TEXTOID,
+            pg_sys::BOOLOID,
+        ],
+        &[
+            relid.into(),
+            jsonb(&i.key),
+            (i.hlc.0 as i64).into(),
+            i.origin.as_str().into(),
+            vv_text.into(),
+            (i.op == Op::Delete).into(),
+        ],
+    );
+    Outcome {
+        changed: true,
+        conflict,
+    }
+}
+
+fn quote_ident(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+    {
+        s.to_string()
+    } else {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    }
+}
+
+fn decode(raw: &str) -> Intent {
+    Intent::decode(raw.as_bytes()).unwrap_or_else(|e| {
+        crate::errors::raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("malformed intent: {e}"),
+            "Intents are produced by Foreshadow's capture trigger; see foreshadow.dead_letters.",
+        )
+    })
+}
+
+/// Applies one intent (JSON text); says whether it changed the row and
+/// whether it was a conflict. Raises on failure: `foreshadow.apply_intent`
+/// turns that into a dead letter.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn apply_one(
+    intent: &str,
+) -> TableIterator<'static, (name!(changed, bool), name!(conflict, bool))> {
+    let i = decode(intent);
+    let o = Spi::connect_mut(|client| apply_intent_in(client, &mut HashMap::new(), &i, intent));
+    crate::clock::observe(i.hlc);
+    TableIterator::once((o.changed, o.conflict))
+}
+
+/// Applies one peer transaction (a JSON array of intents) and records, in
+/// the same local transaction, that the peer is applied up to `origin_lsn`
+/// (the session must have set up its replication origin). Raises if any
+/// intent fails, so that nothing of the transaction is kept; the sidecar
+/// then applies it intent by intent with `apply_transaction_safely`.
+///
+/// The sidecar sends many of these without waiting for each answer. So
+/// that a failed one cannot be overtaken by the next, each applies only if
+/// the session's progress is still `prev_lsn` (the one before it);
+/// otherwise it does nothing and returns -1.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn apply_transaction(
+    intents: &str,
+    prev_lsn: &str,
+    origin_lsn: &str,
+    origin_commit: TimestampWithTimeZone,
+) -> i32 {
+    let in_step = Spi::connect_mut(|client| {
+        run(client, IN_STEP_SQL, &[pg_sys::TEXTOID], &[prev_lsn.into()])
+            .first()
+            .and_then(|row| row[0].clone())
+            == Some(Value::String("true".into()))
+    });
+    if !in_step {
+        return -1;
+    }
+    let raws: Vec<&serde_json::value::RawValue> =
+        serde_json::from_str(intents).unwrap_or_else(|e| {
+            crate::errors::raise(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("intents are not a JSON array: {e}"),
+                "Pass the intents of one peer transaction as a JSON array.",
+            )
+        });
+    let parsed: Vec<(Intent, &str)> = raws.iter().map(|r| (decode(r.get()), r.get())).collect();
+    let (mut changed, mut conflicts) = (0i32, 0i32);
+    let mut max_hlc = Hlc(0);
+    Spi::connect_mut(|client| {
+        let mut tables = HashMap::new();
+        for (i, raw) in &parsed {
+            let o = apply_intent_in(client, &mut tables, i, raw);
+            changed += o.changed as i32;
+            conflicts += o.conflict as i32;
+            max_hlc = max_hlc.max(i.hlc);
+        }
+        if let Some((first, _)) = parsed.first() {
+            run(
+                client,
+                COUNT_SQL,
+                &[
+                    pg_sys::TEXTOID,
+                    pg_sys::INT4OID,
+                    pg_sys::INT4OID,
+                    pg_sys::INT4OID,
+                ],
+                &[
+                    first.origin.as_str().into(),
+                    (parsed.len() as i32).into(),
+                    changed.into(),
+                    conflicts.into(),
+                ],
+            );
+        }
+        run(
+            client,
+            PROGRESS_SQL,
+            &[pg_sys::TEXTOID, pg_sys::TIMESTAMPTZOID],
+            &[origin_lsn.into(), origin_commit.into()],
+        );
+    });
+    crate::clock::observe(max_hlc);
+    changed
+}
