@@ -49,7 +49,10 @@ CREATE TABLE foreshadow.row_versions (
     vv      jsonb NOT NULL,
     deleted boolean NOT NULL DEFAULT false,
     PRIMARY KEY (relid, key)
-);
+)
+-- Every write updates its row's version in place: free space on each page
+-- lets those updates be HOT (no new index entry, no jsonb key comparisons).
+WITH (fillfactor = 50);
 
 -- Intents that could not be applied here (malformed, unknown table, or the
 -- apply raised): kept with the reason instead of stalling replication.
@@ -169,7 +172,7 @@ BEGIN
     IF announce_existing THEN
         FOR v_row IN EXECUTE format('SELECT to_jsonb(t) FROM %I.%I AS t', v_schema, v_table) LOOP
             PERFORM foreshadow.record_write(tbl, v_schema, v_table, strategy, 'insert',
-                                            foreshadow.key_of(v_row, v_pk), v_row, NULL);
+                                            foreshadow.key_of(v_row, v_pk), v_row);
         END LOOP;
     END IF;
 END
@@ -250,7 +253,8 @@ BEGIN
      WHERE relid = tbl;
     EXECUTE format('CREATE OR REPLACE TRIGGER foreshadow_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
                    'FOR EACH ROW EXECUTE FUNCTION foreshadow.capture(%L, %L, %L, %L, %L)',
-                   v_target, t.schema_name, t.table_name, t.strategy, t.pk_cols, t.counter_cols);
+                   v_target, t.schema_name, t.table_name, t.strategy,
+                   to_jsonb(t.pk_cols)::text, to_jsonb(t.counter_cols)::text);
 END
 $$;
 
@@ -302,95 +306,16 @@ BEGIN
 END
 $$;
 
--- Stamps a local write with a new version and emits its intent, in the
--- writer's transaction: the intent exists exactly when the write commits.
--- One statement stamps the row: a fresh stamp from the region's clock, which
--- has observed every stamp stored here, unless the row's stamp is ahead of
--- the clock (after a restart), then the next stamp above it; and the
--- region's entry of the version vector goes up by one (VersionVector::bump,
--- written in SQL here because this runs for every captured row).
--- It runs inside capture (or make_global), whose search_path is pinned; not
--- pinning it again saves a configuration change per row.
-CREATE FUNCTION foreshadow.record_write(tbl regclass, schema_name name, table_name name, strategy text,
-                                        op text, k jsonb, row_image jsonb, delta jsonb) RETURNS void
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    v_region text := foreshadow.region_name();
-    v_hlc    bigint;
-    v_vv     jsonb;
-BEGIN
-    INSERT INTO foreshadow.row_versions AS v (relid, key, hlc, origin, vv, deleted)
-    VALUES (tbl, k, foreshadow.hlc_next(NULL), v_region, pg_catalog.jsonb_build_object(v_region, 1), op = 'delete')
-    ON CONFLICT (relid, key) DO UPDATE
-       SET hlc = CASE WHEN EXCLUDED.hlc > v.hlc THEN EXCLUDED.hlc ELSE foreshadow.hlc_next(v.hlc) END,
-           origin = EXCLUDED.origin,
-           vv = v.vv OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object(EXCLUDED.origin,
-                    COALESCE((v.vv OPERATOR(pg_catalog.->>) EXCLUDED.origin)::bigint, 0) + 1),
-           deleted = EXCLUDED.deleted
-    RETURNING v.hlc, v.vv INTO v_hlc, v_vv;
-    PERFORM pg_catalog.pg_logical_emit_message(true, 'foreshadow', pg_catalog.jsonb_build_object(
-        'v', 1, 'origin', v_region, 'hlc', v_hlc,
-        'schema', schema_name, 'table', table_name,
-        'op', op, 'key', k, 'row', row_image, 'vv', v_vv, 'delta', delta,
-        'strategy', strategy, 'class', 'data')::text);
-END
-$$;
-
--- The capture trigger of every global table; its arguments (schema, table,
--- strategy, key columns, counter columns) are set by refresh_table. It runs
--- with the extension owner's rights so that writers need no access to
--- Foreshadow's catalog.
+-- The capture trigger of every global table (Rust, capture.rs): stamps the
+-- row's version and emits the write intent in the writer's transaction, so
+-- the intent exists exactly when the write commits. Its arguments (schema,
+-- table, strategy, key columns, counter columns) are set by refresh_table.
+-- It runs with the extension owner's rights so that writers need no access
+-- to Foreshadow's catalog.
 CREATE FUNCTION foreshadow.capture() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER
+LANGUAGE c SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_pk      text[] := TG_ARGV[3]::text[];
-    v_counter text[] := TG_ARGV[4]::text[];
-    v_old     jsonb;
-    v_new     jsonb;
-    v_key     jsonb;
-    v_delta   jsonb;
-    c         text;
-BEGIN
-    -- The sidecar's apply session: the write came from a peer, don't echo it.
-    IF foreshadow.capture_suppressed() THEN
-        RETURN NULL;
-    END IF;
-    IF TG_OP = 'DELETE' THEN
-        -- A delete removes the row with its counters: it carries no increment.
-        PERFORM foreshadow.record_write(TG_RELID, TG_ARGV[0], TG_ARGV[1], TG_ARGV[2], 'delete',
-                                        foreshadow.key_of(to_jsonb(OLD), v_pk), NULL, NULL);
-        RETURN NULL;
-    END IF;
-    v_new := to_jsonb(NEW);
-    IF cardinality(v_pk) = 1 THEN
-        v_key := jsonb_build_object(v_pk[1], v_new -> v_pk[1]);  -- key_of, without a call
-    ELSE
-        v_key := foreshadow.key_of(v_new, v_pk);
-    END IF;
-    IF TG_OP = 'UPDATE' THEN
-        v_old := to_jsonb(OLD);
-        IF foreshadow.key_of(v_old, v_pk) <> v_key THEN
-            RAISE EXCEPTION 'cannot change the primary key of a row of global table %', TG_RELID::regclass
-                USING ERRCODE = 'feature_not_supported',
-                      DETAIL = format('Key %s would become %s.', foreshadow.key_of(v_old, v_pk), v_key),
-                      HINT = 'Delete the row and insert it again with the new key.';
-        END IF;
-    END IF;
-    IF cardinality(v_counter) > 0 THEN
-        v_delta := '{}';
-        FOREACH c IN ARRAY v_counter LOOP
-            v_delta := v_delta || jsonb_build_object(c,
-                coalesce((v_new ->> c)::numeric, 0) - coalesce((v_old ->> c)::numeric, 0));
-        END LOOP;
-    END IF;
-    PERFORM foreshadow.record_write(TG_RELID, TG_ARGV[0], TG_ARGV[1], TG_ARGV[2], lower(TG_OP),
-                                    v_key, v_new, v_delta);
-    RETURN NULL;
-END
-$$;
+AS 'MODULE_PATHNAME', 'capture_wrapper';
 
 CREATE FUNCTION foreshadow.refuse_truncate() RETURNS trigger
 LANGUAGE plpgsql
@@ -550,7 +475,7 @@ CREATE EVENT TRIGGER foreshadow_sql_drop ON sql_drop EXECUTE FUNCTION foreshadow
 -- feed intents; anyone may look.
 REVOKE EXECUTE ON FUNCTION foreshadow.make_global(regclass, text, boolean), foreshadow.drop_global(regclass),
     foreshadow.refresh_table(regclass), foreshadow.set_column_strategy(regclass, name, text),
-    foreshadow.record_write(regclass, name, name, text, text, jsonb, jsonb, jsonb), foreshadow.apply_intent(jsonb),
+    foreshadow.record_write(oid, text, text, text, text, jsonb, jsonb), foreshadow.apply_intent(jsonb),
     foreshadow.apply_intents(jsonb), foreshadow.apply_transaction(text, text, text, timestamptz),
     foreshadow.apply_transaction_safely(jsonb, pg_lsn, timestamptz), foreshadow.apply_one(text),
     foreshadow.count_applied(text, integer, integer, integer),

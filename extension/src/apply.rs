@@ -19,12 +19,13 @@ use pgrx::JsonB;
 use serde_json::{Map, Value};
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 thread_local! {
     /// Prepared plans by SQL text. The per-table statements embed the
     /// table's name, so a table made global again gets its own entry;
     /// PostgreSQL re-plans a kept plan itself when a table's schema changes.
-    static PLANS: RefCell<HashMap<String, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
+    static PLANS: RefCell<HashMap<String, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
 }
 
 const TABLE_SQL: &str =
@@ -45,40 +46,51 @@ const IN_STEP_SQL: &str =
      = $1::pg_lsn)::text";
 const PROGRESS_SQL: &str = "SELECT pg_catalog.pg_replication_origin_xact_setup($1::pg_lsn, $2)";
 
-/// Runs `sql` with a plan prepared on first use and kept for the backend.
-fn run<'a>(
+/// The plan of `sql`, prepared on first use and kept for the backend. The
+/// map is not borrowed while a plan runs: running one can fire triggers
+/// that come back here.
+fn kept_plan(
+    client: &SpiClient<'_>,
+    sql: &str,
+    types: &[pg_sys::Oid],
+) -> Rc<OwnedPreparedStatement> {
+    if let Some(plan) = PLANS.with(|p| p.borrow().get(sql).cloned()) {
+        return plan;
+    }
+    let types: Vec<PgOid> = types.iter().map(|&t| PgOid::from(t)).collect();
+    let plan = Rc::new(
+        client
+            .prepare_mut(sql, &types)
+            .unwrap_or_else(|e| panic!("preparing {sql}: {e}"))
+            .keep(),
+    );
+    PLANS.with(|p| p.borrow_mut().insert(sql.to_string(), plan.clone()));
+    plan
+}
+
+/// Runs `sql` with its kept plan; returns the rows, every column as text.
+pub fn run_kept<'a>(
     client: &mut SpiClient<'_>,
     sql: &str,
     types: &[pg_sys::Oid],
     args: &[DatumWithOid<'a>],
 ) -> Vec<Vec<Option<Value>>> {
-    PLANS.with(|plans| {
-        let mut plans = plans.borrow_mut();
-        if !plans.contains_key(sql) {
-            let types: Vec<PgOid> = types.iter().map(|&t| PgOid::from(t)).collect();
-            let plan = client
-                .prepare_mut(sql, &types)
-                .unwrap_or_else(|e| panic!("preparing {sql}: {e}"))
-                .keep();
-            plans.insert(sql.to_string(), plan);
+    let plan = kept_plan(client, sql, types);
+    let table = client
+        .update(&*plan, None, args)
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let mut out = Vec::new();
+    for row in table {
+        let mut cols = Vec::new();
+        for i in 1..=row.columns() {
+            cols.push(row.get::<String>(i).ok().flatten().map(Value::String));
         }
-        let plan = &plans[sql];
-        let table = client
-            .update(plan, None, args)
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-        let mut out = Vec::new();
-        for row in table {
-            let mut cols = Vec::new();
-            for i in 1..=row.columns() {
-                cols.push(row.get::<String>(i).ok().flatten().map(Value::String));
-            }
-            out.push(cols);
-        }
-        // Result sets live until SPI disconnects; a peer transaction can
-        // hold thousands of intents, so free each one now.
-        unsafe { pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable) };
-        out
-    })
+        out.push(cols);
+    }
+    // Result sets live until SPI disconnects; a peer transaction can
+    // hold thousands of intents, so free each one now.
+    unsafe { pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable) };
+    out
 }
 
 /// What one global table needs for applying.
@@ -92,26 +104,18 @@ struct Table {
 }
 
 fn lookup(client: &mut SpiClient<'_>, schema: &str, table: &str) -> Option<Table> {
-    let plan_types = [pg_sys::TEXTOID, pg_sys::TEXTOID];
-    PLANS.with(|plans| {
-        let mut plans = plans.borrow_mut();
-        if !plans.contains_key(TABLE_SQL) {
-            let types: Vec<PgOid> = plan_types.iter().map(|&t| PgOid::from(t)).collect();
-            let plan = client.prepare(TABLE_SQL, &types).expect("prepare").keep();
-            plans.insert(TABLE_SQL.to_string(), plan);
-        }
-        let rows = client
-            .select(&plans[TABLE_SQL], None, &[schema.into(), table.into()])
-            .expect("table lookup");
-        let row = rows.into_iter().next()?;
-        Some(Table {
-            relid: row.get::<pg_sys::Oid>(1).ok()??,
-            counter_cols: row.get::<Vec<String>>(2).ok()??,
-            upsert_sql: row.get::<String>(3).ok()??,
-            delete_sql: row.get::<String>(4).ok()??,
-            counter_sql: row.get::<String>(5).ok()?,
-            lock_sql: row.get::<String>(6).ok()??,
-        })
+    let plan = kept_plan(client, TABLE_SQL, &[pg_sys::TEXTOID, pg_sys::TEXTOID]);
+    let rows = client
+        .select(&*plan, None, &[schema.into(), table.into()])
+        .expect("table lookup");
+    let row = rows.into_iter().next()?;
+    Some(Table {
+        relid: row.get::<pg_sys::Oid>(1).ok()??,
+        counter_cols: row.get::<Vec<String>>(2).ok()??,
+        upsert_sql: row.get::<String>(3).ok()??,
+        delete_sql: row.get::<String>(4).ok()??,
+        counter_sql: row.get::<String>(5).ok()?,
+        lock_sql: row.get::<String>(6).ok()??,
     })
 }
 
@@ -127,7 +131,7 @@ fn jsonb(map: &Map<String, Value>) -> DatumWithOid<'static> {
 }
 
 fn reject(client: &mut SpiClient<'_>, origin: &str, reason: String, raw: &str) {
-    run(
+    run_kept(
         client,
         REJECT_SQL,
         &[pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTOID],
@@ -169,8 +173,8 @@ fn apply_intent_in(
         return Outcome::default();
     }
     let relid = t.relid;
-    run(client, &t.lock_sql, &[pg_sys::JSONBOID], &[jsonb(&i.key)]);
-    let cur = run(
+    run_kept(client, &t.lock_sql, &[pg_sys::JSONBOID], &[jsonb(&i.key)]);
+    let cur = run_kept(
         client,
         VERSION_SQL,
         &[pg_sys::OIDOID, pg_sys::JSONBOID],
@@ -208,7 +212,7 @@ fn apply_intent_in(
     if !wins {
         // The current version supersedes this write: remember it was seen,
         // and keep its increments unless the row is deleted.
-        run(
+        run_kept(
             client,
             SEEN_SQL,
             &[pg_sys::OIDOID, pg_sys::JSONBOID, pg_sys::TEXTOID],
@@ -219,7 +223,7 @@ fn apply_intent_in(
             (Some(sql), true) => {
                 let mut k = i.key.clone();
                 k.extend(delta);
-                run(client, sql, &[pg_sys::JSONBOID], &[jsonb(&k)]);
+                run_kept(client, sql, &[pg_sys::JSONBOID], &[jsonb(&k)]);
                 true
             }
             _ => false,
@@ -228,15 +232,15 @@ fn apply_intent_in(
     }
     match (&i.op, &i.row) {
         (Op::Delete, _) | (_, None) => {
-            run(client, &t.delete_sql, &[pg_sys::JSONBOID], &[jsonb(&i.key)]);
+            run_kept(client, &t.delete_sql, &[pg_sys::JSONBOID], &[jsonb(&i.key)]);
         }
         (_, Some(row)) => {
             let mut image = row.clone();
             image.extend(delta);
-            run(client, &t.upsert_sql, &[pg_sys::JSONBOID], &[jsonb(&image)]);
+            run_kept(client, &t.upsert_sql, &[pg_sys::JSONBOID], &[jsonb(&image)]);
         }
     }
-    run(
+    run_kept(
         client,
         STAMP_SQL,
         &[
@@ -317,7 +321,7 @@ fn apply_transaction(
     origin_commit: TimestampWithTimeZone,
 ) -> i32 {
     let in_step = Spi::connect_mut(|client| {
-        run(client, IN_STEP_SQL, &[pg_sys::TEXTOID], &[prev_lsn.into()])
+        run_kept(client, IN_STEP_SQL, &[pg_sys::TEXTOID], &[prev_lsn.into()])
             .first()
             .and_then(|row| row[0].clone())
             == Some(Value::String("true".into()))
@@ -345,7 +349,7 @@ fn apply_transaction(
             max_hlc = max_hlc.max(i.hlc);
         }
         if let Some((first, _)) = parsed.first() {
-            run(
+            run_kept(
                 client,
                 COUNT_SQL,
                 &[
@@ -362,7 +366,7 @@ fn apply_transaction(
                 ],
             );
         }
-        run(
+        run_kept(
             client,
             PROGRESS_SQL,
             &[pg_sys::TEXTOID, pg_sys::TIMESTAMPTZOID],

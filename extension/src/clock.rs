@@ -36,6 +36,12 @@ fn tick(floor: Hlc) -> Hlc {
     }
 }
 
+/// The stamp for a local write (the row's own stamp is checked where it is
+/// stored, see capture.rs).
+pub fn next_stamp() -> i64 {
+    tick(Hlc(0)).0 as i64
+}
+
 /// The stamp for a local write to a row last stamped `floor` (NULL: new row).
 #[pg_extern(volatile, parallel_unsafe)]
 fn hlc_next(floor: Option<i64>) -> i64 {

@@ -5,6 +5,7 @@
 use pgrx::prelude::*;
 
 mod apply;
+mod capture;
 mod clock;
 mod errors;
 mod gucs;

@@ -81,6 +81,53 @@ mod tests {
         );
     }
 
+    fn setup_counters() {
+        Spi::run("CREATE TABLE public.c (id int PRIMARY KEY, n bigint NOT NULL, note text)")
+            .unwrap();
+        Spi::run("SELECT foreshadow.make_global('public.c')").unwrap();
+        Spi::run("SELECT foreshadow.set_column_strategy('public.c', 'n', 'counter')").unwrap();
+    }
+
+    #[pg_test]
+    fn counter_columns_add_increments_whoever_wins() {
+        setup_counters();
+        let intent = |hlc: i64, n: i64, delta: i64, note: &str| {
+            format!(
+                r#"[{{"v":1,"origin":"peer","hlc":{hlc},"schema":"public","table":"c","op":"update","key":{{"id":1}},"row":{{"id":1,"n":{n},"note":"{note}"}},"vv":{{"peer":{hlc}}},"delta":{{"n":{delta}}},"strategy":"lww","class":"data"}}]"#
+            )
+        };
+        // A row the peer created with 5 and a later write that lost here:
+        // both increments count, the rest of the row follows the newer write.
+        let apply =
+            |i: String| Spi::run(&format!("SELECT foreshadow.apply_intents('{i}')")).unwrap();
+        apply(intent(2000, 5, 5, "newer"));
+        apply(intent(1000, 3, 3, "older"));
+        assert_eq!(
+            Spi::get_two::<i64, String>("SELECT n, note FROM c WHERE id = 1"),
+            Ok((Some(8), Some("newer".into())))
+        );
+        // Local writes travel as increments too.
+        Spi::run("UPDATE c SET n = n + 2 WHERE id = 1").unwrap();
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT n FROM c WHERE id = 1"),
+            Ok(Some(10))
+        );
+        assert_eq!(
+            Spi::get_one::<Vec<String>>(
+                "SELECT counter_columns FROM foreshadow.global_tables WHERE table_name = 'c'::regclass"
+            ),
+            Ok(Some(vec!["n".to_string()]))
+        );
+    }
+
+    #[pg_test(
+        error = "column \"note\" of public.c is of type text, not an exact number: it cannot be a counter"
+    )]
+    fn counter_must_be_an_exact_number() {
+        setup_counters();
+        Spi::run("SELECT foreshadow.set_column_strategy('public.c', 'note', 'counter')").unwrap();
+    }
+
     #[pg_test]
     fn intent_for_unknown_table_goes_to_dead_letters() {
         let intent = r#"[{"v":1,"origin":"peer","hlc":1,"schema":"public","table":"nope","op":"delete","key":{"id":1},"row":null,"vv":{"peer":1},"strategy":"lww","class":"data"}]"#;
