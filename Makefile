@@ -5,13 +5,14 @@ SHELL := /bin/bash
 PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 # The one pgrx pin lives in Cargo.toml; cargo-pgrx must match it exactly.
 PGRX_VERSION := $(shell sed -n 's/^pgrx = "=\(.*\)"/\1/p' Cargo.toml)
-APT_PACKAGES := postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config sudo
+# pglogical is the peer the benchmarks compare against.
+APT_PACKAGES := postgresql-15 postgresql-server-dev-15 postgresql-15-pglogical libclang-dev clang pkg-config sudo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PREFIX ?= /usr/local
 PGRX_TEST_DATA ?= /tmp/foreshadow-pgrx-test
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all deps install demo test test-unit test-pg test-integration lint clean
+.PHONY: all deps install demo test test-unit test-pg test-integration bench bench-quick lint clean
 
 all: install
 
@@ -52,9 +53,18 @@ test-pg: deps
 	cd extension && cargo pgrx test pg15 --runas postgres --pgdata $(PGRX_TEST_DATA)/data
 
 # End to end on real multi-region labs; each test starts its own, serially.
+# Includes the benchmark smoke tests (every scenario, --quick, both engines).
 test-integration: install
 	cargo build -p foreshadow-sidecar -p foreshadow-lab
 	cargo test -p foreshadow-lab -- --test-threads=1
+
+# The full benchmarks beside pglogical (about 15 minutes): results, report
+# and plots in bench/results/. `bench-quick` is the one-minute-per-scenario form.
+bench: install
+	foreshadow-lab bench all
+
+bench-quick: install
+	foreshadow-lab bench all --quick --out bench/results/quick
 
 lint:
 	cargo fmt --all -- --check
