@@ -52,10 +52,9 @@ pub struct Peer {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApplyConfig {
-    /// Most decoded rows fetched from a peer per round trip.
+    /// Most intents received from a peer before they are applied (fewer are
+    /// applied as soon as the peer has nothing more ready).
     pub batch_changes: u32,
-    /// Pause between polls of a peer that had nothing new.
-    pub poll_interval_ms: u64,
     /// Longest wait for one query to a peer before it counts as unreachable.
     pub peer_timeout_ms: u64,
     /// Longest pause between reconnection attempts (back-off doubles up to it).
@@ -66,7 +65,6 @@ impl Default for ApplyConfig {
     fn default() -> Self {
         ApplyConfig {
             batch_changes: 2000,
-            poll_interval_ms: 10,
             peer_timeout_ms: 10_000,
             max_backoff_ms: 5_000,
         }
@@ -74,9 +72,6 @@ impl Default for ApplyConfig {
 }
 
 impl ApplyConfig {
-    pub fn poll_interval(&self) -> Duration {
-        Duration::from_millis(self.poll_interval_ms)
-    }
     pub fn peer_timeout(&self) -> Duration {
         Duration::from_millis(self.peer_timeout_ms)
     }

@@ -392,6 +392,12 @@ impl Lab {
                 if n >= expected {
                     break;
                 }
+                if !self.proxy_alive() {
+                    return Err(format!(
+                        "the WAN proxy exited: see {}",
+                        self.dir.join("proxy.log").display()
+                    ));
+                }
                 if Instant::now() > deadline {
                     return Err(format!(
                         "region {} has {n} of {expected} peer links replicating after {timeout:?}; see {}/*/*.log",
@@ -403,6 +409,16 @@ impl Lab {
             }
         }
         Ok(())
+    }
+
+    fn proxy_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.dir.join("proxy.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+    }
+
+    fn proxy_alive(&self) -> bool {
+        self.proxy_pid().is_some_and(proc::alive)
     }
 
     pub fn fault(&self, region: &str, fault: Fault) -> Result<(), String> {
@@ -438,10 +454,7 @@ impl Lab {
                 proc::stop(pid, Duration::from_secs(10));
             }
         }
-        if let Some(pid) = std::fs::read_to_string(self.dir.join("proxy.pid"))
-            .ok()
-            .and_then(|p| p.trim().parse().ok())
-        {
+        if let Some(pid) = self.proxy_pid() {
             proc::stop(pid, Duration::from_secs(2));
         }
         for r in &self.spec.regions {

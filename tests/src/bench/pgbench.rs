@@ -4,6 +4,7 @@ use super::sampling::Progress;
 use crate::lab::{Lab, DATABASE};
 use crate::proc::PG_BIN;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -101,7 +102,9 @@ pub async fn run_everywhere(
     label: &str,
 ) -> Result<Vec<Run>, String> {
     let mut tasks = Vec::new();
-    for region in regions {
+    // Each region's latest per-second TPS, for the progress line.
+    let now: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(vec![0.0; regions.len()]));
+    for (i, region) in regions.iter().enumerate() {
         let mut cmd = tokio::process::Command::new(format!("{PG_BIN}/pgbench"));
         cmd.args([
             "-h",
@@ -128,14 +131,16 @@ pub async fn run_everywhere(
         let child = cmd
             .spawn()
             .map_err(|e| format!("cannot run pgbench: {e}"))?;
-        tasks.push(tokio::spawn(collect(child, region.clone())));
+        let latest = now.clone();
+        let report = move |tps: f64| latest.lock().unwrap()[i] = tps;
+        tasks.push(tokio::spawn(collect(child, region.clone(), report)));
     }
     let mut progress = Progress::new(label, Duration::from_secs(seconds));
     let mut runs = Vec::new();
     for t in tasks {
         while !t.is_finished() {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            progress.tick(|| "pgbench running in every region".to_string());
+            progress.tick(|| format!("{:.0} TPS now", now.lock().unwrap().iter().sum::<f64>()));
         }
         runs.push(t.await.map_err(|e| e.to_string())??);
     }
@@ -149,7 +154,11 @@ pub async fn run_everywhere(
     Ok(runs)
 }
 
-async fn collect(mut child: tokio::process::Child, region: String) -> Result<Run, String> {
+async fn collect(
+    mut child: tokio::process::Child,
+    region: String,
+    report: impl Fn(f64),
+) -> Result<Run, String> {
     let stderr = child.stderr.take().expect("piped");
     let mut stdout = child.stdout.take().expect("piped");
     let mut run = Run {
@@ -161,7 +170,10 @@ async fn collect(mut child: tokio::process::Child, region: String) -> Result<Run
     while let Ok(Some(line)) = lines.next_line().await {
         // progress: 3.0 s, 812.1 tps, lat 4.9 ms stddev 2.1, 0 failed
         match parse_progress(&line) {
-            Some(sample) => run.per_second.push(sample),
+            Some(sample) => {
+                report(sample.1);
+                run.per_second.push(sample);
+            }
             None => {
                 errors.push_str(&line);
                 errors.push('\n');
