@@ -445,7 +445,7 @@ BEGIN
     EXECUTE format('GRANT USAGE ON SCHEMA foreshadow TO %s', role_name);
     EXECUTE format('GRANT SELECT ON foreshadow.dead_letters TO %s', role_name);
     EXECUTE format('GRANT EXECUTE ON FUNCTION foreshadow.apply_intents(jsonb), '
-                   'foreshadow.apply_transaction(text, text, text, timestamptz), '
+                   'foreshadow.apply_transaction(text, text, text, timestamptz, integer), '
                    'foreshadow.apply_transaction_safely(jsonb, pg_lsn, timestamptz), '
                    'foreshadow.reject_intent(text, text, text) TO %s', role_name);
     EXECUTE format('GRANT EXECUTE ON FUNCTION pg_catalog.pg_replication_origin_create(text), '
@@ -476,7 +476,7 @@ CREATE EVENT TRIGGER foreshadow_sql_drop ON sql_drop EXECUTE FUNCTION foreshadow
 REVOKE EXECUTE ON FUNCTION foreshadow.make_global(regclass, text, boolean), foreshadow.drop_global(regclass),
     foreshadow.refresh_table(regclass), foreshadow.set_column_strategy(regclass, name, text),
     foreshadow.record_write(oid, text, text, text, text, jsonb, jsonb), foreshadow.apply_intent(jsonb),
-    foreshadow.apply_intents(jsonb), foreshadow.apply_transaction(text, text, text, timestamptz),
+    foreshadow.apply_intents(jsonb), foreshadow.apply_transaction(text, text, text, timestamptz, integer),
     foreshadow.apply_transaction_safely(jsonb, pg_lsn, timestamptz), foreshadow.apply_one(text),
     foreshadow.count_applied(text, integer, integer, integer),
     foreshadow.reject_intent(text, text, text),

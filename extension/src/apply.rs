@@ -44,6 +44,7 @@ const COUNT_SQL: &str = "SELECT foreshadow.count_applied($1, $2, $3, $4)";
 const IN_STEP_SQL: &str =
     "SELECT (coalesce(pg_catalog.pg_replication_origin_session_progress(false), '0/0') \
      = $1::pg_lsn)::text";
+const LOCK_TIMEOUT_SQL: &str = "SELECT pg_catalog.set_config('lock_timeout', $1, true)";
 const PROGRESS_SQL: &str = "SELECT pg_catalog.pg_replication_origin_xact_setup($1::pg_lsn, $2)";
 
 /// The plan of `sql`, prepared on first use and kept for the backend. The
@@ -311,7 +312,9 @@ fn apply_one(
 /// The sidecar sends many of these without waiting for each answer. So
 /// that a failed one cannot be overtaken by the next, each applies only if
 /// the session's progress is still `prev_lsn` (the one before it);
-/// otherwise it does nothing and returns -1.
+/// otherwise it does nothing and returns -1. `intents` may hold several
+/// peer transactions (catching up); `lock_timeout_ms` > 0 then bounds each
+/// wait for a local writer's lock, so that such a group gives way.
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn apply_transaction(
@@ -319,12 +322,22 @@ fn apply_transaction(
     prev_lsn: &str,
     origin_lsn: &str,
     origin_commit: TimestampWithTimeZone,
+    lock_timeout_ms: default!(i32, 0),
 ) -> i32 {
     let in_step = Spi::connect_mut(|client| {
-        run_kept(client, IN_STEP_SQL, &[pg_sys::TEXTOID], &[prev_lsn.into()])
+        let in_step = run_kept(client, IN_STEP_SQL, &[pg_sys::TEXTOID], &[prev_lsn.into()])
             .first()
             .and_then(|row| row[0].clone())
-            == Some(Value::String("true".into()))
+            == Some(Value::String("true".into()));
+        if in_step && lock_timeout_ms > 0 {
+            run_kept(
+                client,
+                LOCK_TIMEOUT_SQL,
+                &[pg_sys::TEXTOID],
+                &[format!("{lock_timeout_ms}ms").into()],
+            );
+        }
+        in_step
     });
     if !in_step {
         return -1;

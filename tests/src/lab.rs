@@ -245,7 +245,13 @@ impl Lab {
                  replication_sets := ARRAY['default'], synchronize_structure := false, \
                  synchronize_data := false, forward_origins := '{}')",
                 &[
-                    &format!("from_{}", peer.name.replace('-', "_")),
+                    // pglogical names the slot on the provider after the
+                    // subscription: unique per subscriber, not just per provider.
+                    &format!(
+                        "{}_from_{}",
+                        r.name.replace('-', "_"),
+                        peer.name.replace('-', "_")
+                    ),
                     &admin_dsn(link.listen_port, DATABASE),
                 ],
             )
