@@ -45,7 +45,10 @@ pub async fn run(opts: &BenchOptions, report: &mut Report) -> Result<(), String>
         let h = &e["hot_keys"];
         md.push_str(&format!(
             "| {name} | {} | {} | {} | {} |\n",
-            h["writes"], h["converge_ms"], h["conflicts"], h["resolved_at"]
+            h["writes"],
+            h["converge_ms"],
+            h["conflicts"],
+            h["resolved_at"].as_str().unwrap_or("")
         ));
     }
     md.push_str(&format!(

@@ -28,6 +28,13 @@ pub async fn run(opts: &BenchOptions, report: &mut Report) -> Result<(), String>
         engines.insert(engine.name().into(), runs_json(&runs, total));
     }
     let capture = capture_alone(opts).await?;
+    let tps_list = |key: &str| -> Vec<f64> {
+        capture[key]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default()
+    };
+    let (plain_runs, global_runs) = (tps_list("plain_tps"), tps_list("global_tps"));
     let (fs, pgl, plain) = (totals["foreshadow"], totals["pglogical"], totals["plain"]);
     let capture_ratio = capture["ratio"].as_f64().unwrap_or(0.0);
     report.set("engines", Value::Object(engines));
@@ -68,9 +75,9 @@ pub async fn run(opts: &BenchOptions, report: &mut Report) -> Result<(), String>
              | tables | TPS per run | mean |\n|---|---|---|\n| plain | {} | {:.0} |\n| global | {} | {:.0} |\n\n\
              Ratio global / plain: **{}**\n",
             opts.clients,
-            capture["plain_tps"],
+            runs_text(&plain_runs),
             capture["plain_mean"].as_f64().unwrap_or(0.0),
-            capture["global_tps"],
+            runs_text(&global_runs),
             capture["global_mean"].as_f64().unwrap_or(0.0),
             capture["ratio"],
         ),
@@ -97,6 +104,14 @@ pub async fn run(opts: &BenchOptions, report: &mut Report) -> Result<(), String>
         series,
     });
     Ok(())
+}
+
+/// "4582, 4254, 4591": one figure per run.
+fn runs_text(tps: &[f64]) -> String {
+    tps.iter()
+        .map(|t| format!("{t:.0}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn runs_json(runs: &[Run], total: f64) -> Value {

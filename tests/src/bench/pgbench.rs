@@ -22,8 +22,12 @@ pub const BALANCES: [(&str, &str, &str); 3] = [
     ("pgbench_branches", "bbalance", "bid"),
 ];
 
-fn port_of(lab: &Lab, region: &str) -> Result<String, String> {
-    Ok(lab.spec.region(region)?.port.to_string())
+/// pgbench connecting to `region` as the superuser.
+fn pgbench(lab: &Lab, region: &str) -> Result<tokio::process::Command, String> {
+    let port = lab.spec.region(region)?.port.to_string();
+    let mut cmd = tokio::process::Command::new(format!("{PG_BIN}/pgbench"));
+    cmd.args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres"]);
+    Ok(cmd)
 }
 
 /// Loads the same pgbench data into every region of `lab` (database
@@ -49,15 +53,7 @@ pub async fn load(lab: &Lab, scale: u32, counters: bool) -> Result<(), String> {
 
 /// `pgbench -i` into one database of one region.
 pub async fn load_database(lab: &Lab, region: &str, db: &str, scale: u32) -> Result<(), String> {
-    let out = tokio::process::Command::new(format!("{PG_BIN}/pgbench"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port_of(lab, region)?,
-            "-U",
-            "postgres",
-        ])
+    let out = pgbench(lab, region)?
         .args(["-i", "-q", "-I", "dtgvp", "-s", &scale.to_string(), db])
         .stdin(Stdio::null())
         .output()
@@ -105,29 +101,21 @@ pub async fn run_everywhere(
     // Each region's latest per-second TPS, for the progress line.
     let now: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(vec![0.0; regions.len()]));
     for (i, region) in regions.iter().enumerate() {
-        let mut cmd = tokio::process::Command::new(format!("{PG_BIN}/pgbench"));
-        cmd.args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port_of(lab, region)?,
-            "-U",
-            "postgres",
-        ])
-        .args(["-n", "-c", &clients.to_string(), "-j", &clients.to_string()])
-        .args([
-            "-T",
-            &seconds.to_string(),
-            "-P",
-            "1",
-            "--max-tries",
-            "100",
-            db,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        let mut cmd = pgbench(lab, region)?;
+        cmd.args(["-n", "-c", &clients.to_string(), "-j", &clients.to_string()])
+            .args([
+                "-T",
+                &seconds.to_string(),
+                "-P",
+                "1",
+                "--max-tries",
+                "100",
+                db,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
         let child = cmd
             .spawn()
             .map_err(|e| format!("cannot run pgbench: {e}"))?;
