@@ -17,11 +17,23 @@ use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 use pgrx::JsonB;
 use serde_json::{Map, Value};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 
+/// Global tables by (schema, table): the generation read in, and the table.
+type TableCache = HashMap<(String, String), (u64, Option<Rc<Table>>)>;
+
 thread_local! {
+    /// Global tables by (schema, table), with the invalidation generation
+    /// they were read in; `None`: not global here.
+    static TABLES: RefCell<TableCache> = RefCell::new(HashMap::new());
+    /// Bumped by every relcache invalidation. Every change to a global
+    /// table's setup (make_global, set_column_strategy, drop_global, DROP
+    /// TABLE, ALTER TABLE) creates, replaces or drops a trigger on the
+    /// table, which invalidates its relcache entry: cached tables are then
+    /// read again.
+    static GENERATION: Cell<u64> = const { Cell::new(0) };
     /// Prepared plans by SQL text. The per-table statements embed the
     /// table's name, so a table made global again gets its own entry;
     /// PostgreSQL re-plans a kept plan itself when a table's schema changes.
@@ -34,13 +46,26 @@ const TABLE_SQL: &str =
 const VERSION_SQL: &str =
     "SELECT hlc::text, origin, vv::text, deleted::text FROM foreshadow.row_versions \
      WHERE relid = $1 AND key = $2 FOR UPDATE";
-const STAMP_SQL: &str = "INSERT INTO foreshadow.row_versions AS v (relid, key, hlc, origin, vv, deleted) \
-     VALUES ($1, $2, $3, $4, $5::jsonb, $6) ON CONFLICT (relid, key) DO UPDATE \
-     SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin, vv = EXCLUDED.vv, deleted = EXCLUDED.deleted";
+/// The new version, written by the same statement as the row (its $1): a
+/// data-modifying WITH that the main statement does not read runs after
+/// it, so the row is locked before its version, as in a local write.
+const STAMP_CTE: &str = "WITH stamp AS (INSERT INTO foreshadow.row_versions AS v (relid, key, hlc, origin, vv, deleted) \
+     VALUES ($2, $3, $4, $5, $6::jsonb, $7) ON CONFLICT (relid, key) DO UPDATE \
+     SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin, vv = EXCLUDED.vv, deleted = EXCLUDED.deleted) ";
+const WRITE_TYPES: [pg_sys::Oid; 7] = [
+    pg_sys::JSONBOID,
+    pg_sys::OIDOID,
+    pg_sys::JSONBOID,
+    pg_sys::INT8OID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::BOOLOID,
+];
 const SEEN_SQL: &str =
     "UPDATE foreshadow.row_versions SET vv = $3::jsonb WHERE relid = $1 AND key = $2";
 const REJECT_SQL: &str = "SELECT foreshadow.reject_intent($1, $2, $3)";
-const COUNT_SQL: &str = "SELECT foreshadow.count_applied($1, $2, $3, $4)";
+const COUNT_AND_PROGRESS_SQL: &str = "SELECT foreshadow.count_applied($1, $2, $3, $4), \
+     pg_catalog.pg_replication_origin_xact_setup($5::pg_lsn, $6)";
 const IN_STEP_SQL: &str =
     "SELECT (coalesce(pg_catalog.pg_replication_origin_session_progress(false), '0/0') \
      = $1::pg_lsn)::text";
@@ -98,10 +123,33 @@ pub fn run_kept<'a>(
 struct Table {
     relid: pg_sys::Oid,
     counter_cols: Vec<String>,
-    upsert_sql: String,
-    delete_sql: String,
+    /// The row's upsert, and its delete, each with the version's stamp.
+    write_sql: String,
+    remove_sql: String,
     counter_sql: Option<String>,
     lock_sql: String,
+}
+
+/// Called by PostgreSQL for every relcache invalidation (registered in
+/// `_PG_init`): cached tables are stale from now on.
+#[pg_guard]
+pub unsafe extern "C-unwind" fn forget_tables(_arg: pg_sys::Datum, _relid: pg_sys::Oid) {
+    GENERATION.with(|g| g.set(g.get() + 1));
+}
+
+/// The global table `schema.table`, from the cache while nothing changed.
+fn table(client: &mut SpiClient<'_>, schema: &str, table: &str) -> Option<Rc<Table>> {
+    // Read first: an invalidation during the lookup leaves the entry stale.
+    let generation = GENERATION.with(Cell::get);
+    let key = (schema.to_string(), table.to_string());
+    if let Some((g, t)) = TABLES.with(|c| c.borrow().get(&key).cloned()) {
+        if g == generation {
+            return t;
+        }
+    }
+    let t = lookup(client, schema, table).map(Rc::new);
+    TABLES.with(|c| c.borrow_mut().insert(key, (generation, t.clone())));
+    t
 }
 
 fn lookup(client: &mut SpiClient<'_>, schema: &str, table: &str) -> Option<Table> {
@@ -113,8 +161,8 @@ fn lookup(client: &mut SpiClient<'_>, schema: &str, table: &str) -> Option<Table
     Some(Table {
         relid: row.get::<pg_sys::Oid>(1).ok()??,
         counter_cols: row.get::<Vec<String>>(2).ok()??,
-        upsert_sql: row.get::<String>(3).ok()??,
-        delete_sql: row.get::<String>(4).ok()??,
+        write_sql: format!("{STAMP_CTE}{}", row.get::<String>(3).ok()??),
+        remove_sql: format!("{STAMP_CTE}{}", row.get::<String>(4).ok()??),
         counter_sql: row.get::<String>(5).ok()?,
         lock_sql: row.get::<String>(6).ok()??,
     })
@@ -142,17 +190,8 @@ fn reject(client: &mut SpiClient<'_>, origin: &str, reason: String, raw: &str) {
 
 /// Applies one intent under last-writer-wins, with counter columns adding
 /// their increments whether the rest of the write wins or not.
-fn apply_intent_in(
-    client: &mut SpiClient<'_>,
-    tables: &mut HashMap<(String, String), Option<Table>>,
-    i: &Intent,
-    raw: &str,
-) -> Outcome {
-    let key = (i.schema.clone(), i.table.clone());
-    let t = tables
-        .entry(key)
-        .or_insert_with(|| lookup(client, &i.schema, &i.table));
-    let Some(t) = t else {
+fn apply_intent_in(client: &mut SpiClient<'_>, i: &Intent, raw: &str) -> Outcome {
+    let Some(t) = table(client, &i.schema, &i.table) else {
         let reason = format!(
             "table {}.{} is not a global table in this region",
             quote_ident(&i.schema),
@@ -231,28 +270,21 @@ fn apply_intent_in(
         };
         return Outcome { changed, conflict };
     }
-    match (&i.op, &i.row) {
-        (Op::Delete, _) | (_, None) => {
-            run_kept(client, &t.delete_sql, &[pg_sys::JSONBOID], &[jsonb(&i.key)]);
-        }
+    // $1: the row image with the counter increments, or the key to delete.
+    let (sql, target) = match (&i.op, &i.row) {
+        (Op::Delete, _) | (_, None) => (&t.remove_sql, i.key.clone()),
         (_, Some(row)) => {
             let mut image = row.clone();
             image.extend(delta);
-            run_kept(client, &t.upsert_sql, &[pg_sys::JSONBOID], &[jsonb(&image)]);
+            (&t.write_sql, image)
         }
-    }
+    };
     run_kept(
         client,
-        STAMP_SQL,
+        sql,
+        &WRITE_TYPES,
         &[
-            pg_sys::OIDOID,
-            pg_sys::JSONBOID,
-            pg_sys::INT8OID,
-            pg_sys::TEXTOID,
-            pg_sys::TEXTOID,
-            pg_sys::BOOLOID,
-        ],
-        &[
+            jsonb(&target),
             relid.into(),
             jsonb(&i.key),
             (i.hlc.0 as i64).into(),
@@ -298,7 +330,7 @@ fn apply_one(
     intent: &str,
 ) -> TableIterator<'static, (name!(changed, bool), name!(conflict, bool))> {
     let i = decode(intent);
-    let o = Spi::connect_mut(|client| apply_intent_in(client, &mut HashMap::new(), &i, intent));
+    let o = Spi::connect_mut(|client| apply_intent_in(client, &i, intent));
     crate::clock::observe(i.hlc);
     TableIterator::once((o.changed, o.conflict))
 }
@@ -354,37 +386,40 @@ fn apply_transaction(
     let (mut changed, mut conflicts) = (0i32, 0i32);
     let mut max_hlc = Hlc(0);
     Spi::connect_mut(|client| {
-        let mut tables = HashMap::new();
         for (i, raw) in &parsed {
-            let o = apply_intent_in(client, &mut tables, i, raw);
+            let o = apply_intent_in(client, i, raw);
             changed += o.changed as i32;
             conflicts += o.conflict as i32;
             max_hlc = max_hlc.max(i.hlc);
         }
-        if let Some((first, _)) = parsed.first() {
-            run_kept(
+        match parsed.first() {
+            Some((first, _)) => run_kept(
                 client,
-                COUNT_SQL,
+                COUNT_AND_PROGRESS_SQL,
                 &[
                     pg_sys::TEXTOID,
                     pg_sys::INT4OID,
                     pg_sys::INT4OID,
                     pg_sys::INT4OID,
+                    pg_sys::TEXTOID,
+                    pg_sys::TIMESTAMPTZOID,
                 ],
                 &[
                     first.origin.as_str().into(),
                     (parsed.len() as i32).into(),
                     changed.into(),
                     conflicts.into(),
+                    origin_lsn.into(),
+                    origin_commit.into(),
                 ],
-            );
-        }
-        run_kept(
-            client,
-            PROGRESS_SQL,
-            &[pg_sys::TEXTOID, pg_sys::TIMESTAMPTZOID],
-            &[origin_lsn.into(), origin_commit.into()],
-        );
+            ),
+            None => run_kept(
+                client,
+                PROGRESS_SQL,
+                &[pg_sys::TEXTOID, pg_sys::TIMESTAMPTZOID],
+                &[origin_lsn.into(), origin_commit.into()],
+            ),
+        };
     });
     crate::clock::observe(max_hlc);
     changed

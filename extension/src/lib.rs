@@ -29,6 +29,11 @@ pub extern "C-unwind" fn _PG_init() {
     }
     gucs::init();
     clock::init();
+    // Cached global-table metadata of the apply path goes stale with the
+    // table's relcache entry.
+    unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(Some(apply::forget_tables), pg_sys::Datum::from(0));
+    }
 }
 
 #[cfg(any(test, feature = "pg_test"))]
