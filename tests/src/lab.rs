@@ -188,6 +188,7 @@ impl Lab {
             &self.dir.join("proxy.log"),
         )?;
         std::fs::write(self.dir.join("proxy.pid"), proxy.to_string()).map_err(|e| e.to_string())?;
+        self.wait_proxy_listening(Duration::from_secs(10)).await?;
         match self.spec.engine {
             // A lone region has nobody to replicate with: no sidecar, so its
             // intents are captured and nothing consumes them.
@@ -256,7 +257,10 @@ impl Lab {
                 ],
             )
             .await
-            .map_err(|e| format!("region {}: subscribing to {}: {e}", r.name, peer.name))?;
+            .map_err(|e| {
+                let why = e.as_db_error().map(|d| d.message().to_string()).unwrap_or(e.to_string());
+                format!("region {}: subscribing to {}: {why}", r.name, peer.name)
+            })?;
         }
         Ok(())
     }
@@ -412,6 +416,29 @@ impl Lab {
                     ));
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until the WAN proxy accepts connections on every link, so that
+    /// whatever connects across regions next (pglogical's subscriptions do
+    /// not retry) finds it.
+    async fn wait_proxy_listening(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        for link in &self.spec.links {
+            while tokio::net::TcpStream::connect(("127.0.0.1", link.listen_port))
+                .await
+                .is_err()
+            {
+                if !self.proxy_alive() || Instant::now() > deadline {
+                    return Err(format!(
+                        "the WAN proxy does not listen on port {}: see {}",
+                        link.listen_port,
+                        self.dir.join("proxy.log").display()
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
         Ok(())
