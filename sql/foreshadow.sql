@@ -402,6 +402,9 @@ AS $$
 DECLARE
     n integer := foreshadow.apply_intents(intents);
 BEGIN
+    -- Progress is recorded with the commit record, which needs a
+    -- transaction id even when the peer transaction had no intents.
+    PERFORM pg_current_xact_id();
     PERFORM pg_replication_origin_xact_setup(origin_lsn, origin_commit);
     RETURN n;
 END

@@ -69,6 +69,7 @@ const COUNT_AND_PROGRESS_SQL: &str = "SELECT foreshadow.count_applied($1, $2, $3
 const IN_STEP_SQL: &str =
     "SELECT (coalesce(pg_catalog.pg_replication_origin_session_progress(false), '0/0') \
      = $1::pg_lsn)::text";
+const XID_SQL: &str = "SELECT pg_catalog.pg_current_xact_id()::text";
 const LOCK_TIMEOUT_SQL: &str = "SELECT pg_catalog.set_config('lock_timeout', $1, true)";
 const PROGRESS_SQL: &str = "SELECT pg_catalog.pg_replication_origin_xact_setup($1::pg_lsn, $2)";
 
@@ -262,7 +263,11 @@ fn apply_intent_in(client: &mut SpiClient<'_>, i: &Intent, raw: &str) -> Outcome
         let changed = match (&t.counter_sql, i.delta.is_some() && !deleted) {
             (Some(sql), true) => {
                 let mut k = i.key.clone();
-                k.extend(delta);
+                k.extend(
+                    delta
+                        .into_iter()
+                        .filter(|(c, _)| t.counter_cols.contains(c)),
+                );
                 run_kept(client, sql, &[pg_sys::JSONBOID], &[jsonb(&k)]);
                 true
             }
@@ -271,11 +276,23 @@ fn apply_intent_in(client: &mut SpiClient<'_>, i: &Intent, raw: &str) -> Outcome
         return Outcome { changed, conflict };
     }
     // $1: the row image with the counter increments, or the key to delete.
+    // Counter columns carry the increment, which the upsert adds to the
+    // row here, except where the row was deleted here: then the write
+    // brings it back as the writer has it (absolute values). Increments for
+    // columns that are not counters here are ignored (the row image has the
+    // absolute value).
+    let resurrects = cur.as_ref().is_some_and(|c| c.3);
     let (sql, target) = match (&i.op, &i.row) {
         (Op::Delete, _) | (_, None) => (&t.remove_sql, i.key.clone()),
         (_, Some(row)) => {
             let mut image = row.clone();
-            image.extend(delta);
+            if !resurrects {
+                image.extend(
+                    delta
+                        .into_iter()
+                        .filter(|(c, _)| t.counter_cols.contains(c)),
+                );
+            }
             (&t.write_sql, image)
         }
     };
@@ -386,6 +403,12 @@ fn apply_transaction(
     let (mut changed, mut conflicts) = (0i32, 0i32);
     let mut max_hlc = Hlc(0);
     Spi::connect_mut(|client| {
+        if parsed.is_empty() {
+            // A peer transaction without intents (another tool's message):
+            // progress is only recorded with a commit record, which needs a
+            // transaction id.
+            run_kept(client, XID_SQL, &[], &[]);
+        }
         for (i, raw) in &parsed {
             let o = apply_intent_in(client, i, raw);
             changed += o.changed as i32;

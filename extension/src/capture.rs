@@ -198,32 +198,37 @@ fn capture<'a>(
     Ok(None)
 }
 
-/// Counter columns travel as increments: new value minus old (insert: minus 0).
+/// Counter columns travel as increments: new value minus old (insert: minus
+/// 0). Integers in Rust; other numbers exactly, in PostgreSQL's numeric.
 fn counter_delta(
     counters: &[String],
     old: Option<&Map<String, Value>>,
     new: &Map<String, Value>,
 ) -> Map<String, Value> {
-    let num = |row: Option<&Map<String, Value>>, c: &str| -> f64 {
-        row.and_then(|r| r.get(c))
-            .and_then(Value::as_f64)
-            .unwrap_or(0.0)
-    };
+    let zero = Value::from(0);
     counters
         .iter()
         .map(|c| {
-            let (n, o) = (new.get(c), old.and_then(|r| r.get(c)));
-            // Integers stay exact; other numbers go through f64.
-            let d = match (
-                n.and_then(Value::as_i64),
-                o.map(|v| v.as_i64()).unwrap_or(Some(0)),
-            ) {
-                (Some(a), Some(b)) => Value::from(a - b),
-                _ => Value::from(num(Some(new), c) - num(old, c)),
+            let n = new.get(c).unwrap_or(&zero);
+            let o = old.and_then(|r| r.get(c)).unwrap_or(&zero);
+            let d = match (n.as_i64(), o.as_i64()) {
+                (Some(a), Some(b)) if a.checked_sub(b).is_some() => Value::from(a - b),
+                _ => numeric_difference(n, o),
             };
             (c.clone(), d)
         })
         .collect()
+}
+
+fn numeric_difference(new: &Value, old: &Value) -> Value {
+    let text = Spi::get_one_with_args::<String>(
+        "SELECT ($1::numeric - $2::numeric)::text",
+        &[new.to_string().into(), old.to_string().into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| "0".into());
+    serde_json::from_str(&text).unwrap_or(Value::from(0))
 }
 
 /// Stamps and announces a write made before capture existed (make_global

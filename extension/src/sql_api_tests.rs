@@ -129,6 +129,21 @@ mod tests {
     }
 
     #[pg_test]
+    fn numbers_keep_every_digit_through_apply() {
+        Spi::run("CREATE TABLE public.n (id numeric PRIMARY KEY, x numeric)").unwrap();
+        Spi::run("SELECT foreshadow.make_global('public.n')").unwrap();
+        let big = "12345678901234567890.123456789";
+        let intent = format!(
+            r#"[{{"v":1,"origin":"peer","hlc":5,"schema":"public","table":"n","op":"insert","key":{{"id":{big}}},"row":{{"id":{big},"x":0.30000000000000000001}},"vv":{{"peer":1}},"strategy":"lww","class":"data"}}]"#
+        );
+        Spi::run(&format!("SELECT foreshadow.apply_intents('{intent}')")).unwrap();
+        assert_eq!(
+            Spi::get_one::<String>(&format!("SELECT x::text FROM n WHERE id = {big}")),
+            Ok(Some("0.30000000000000000001".into()))
+        );
+    }
+
+    #[pg_test]
     fn intent_for_unknown_table_goes_to_dead_letters() {
         let intent = r#"[{"v":1,"origin":"peer","hlc":1,"schema":"public","table":"nope","op":"delete","key":{"id":1},"row":null,"vv":{"peer":1},"strategy":"lww","class":"data"}]"#;
         assert_eq!(

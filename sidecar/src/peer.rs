@@ -106,6 +106,7 @@ async fn session(
     let mut pending_intents = 0usize;
     let mut received = progress;
     let mut status = tokio::time::interval(Duration::from_secs(1));
+    let mut last_heard = std::time::Instant::now();
     loop {
         // Whatever has arrived is applied as soon as the peer has nothing
         // more ready (or the batch is full): no waiting to fill batches.
@@ -113,22 +114,32 @@ async fn session(
         let apply_now = tokio::select! {
             biased;
             _ = shutdown.changed() => return Ok(()),
-            event = stream.next() => match event? {
-                Event::Data(data) => {
-                    if let Some(t) = grouper.feed(&data).map_err(|e| Error::protocol(&what, e))? {
-                        received = t.end_lsn;
-                        pending_intents += t.intents.len();
-                        pending.push(t);
+            event = stream.next() => {
+                last_heard = std::time::Instant::now();
+                match event? {
+                    Event::Data(data) => {
+                        if let Some(t) = grouper.feed(&data).map_err(|e| Error::protocol(&what, e))? {
+                            received = t.end_lsn;
+                            pending_intents += t.intents.len();
+                            pending.push(t);
+                        }
+                        pending_intents >= batch_changes as usize
                     }
-                    pending_intents >= batch_changes as usize
+                    Event::ReplyRequested => {
+                        confirm(&mut stream, &apply, received).await?;
+                        false
+                    }
+                    Event::Keepalive => false,
                 }
-                Event::ReplyRequested => {
-                    confirm(&mut stream, &apply, received).await?;
-                    false
-                }
-                Event::Keepalive => false,
-            },
+            }
+            // The status update asks the peer to answer: silence for longer
+            // than the peer timeout means the link is gone.
             _ = status.tick() => {
+                if last_heard.elapsed() > timeout {
+                    return Err(Error::transient(&what, format!(
+                        "the peer has not answered for {:.0} s", last_heard.elapsed().as_secs_f64()
+                    )));
+                }
                 confirm(&mut stream, &apply, received).await?;
                 false
             }

@@ -157,14 +157,19 @@ impl ReplicationStream {
             let mut f = self.frame().await?;
             let mut out = BytesMut::new();
             match f.tag {
+                b'R' if f.body.len() < 4 => {
+                    return Err(Error::protocol(&what, "short authentication message"))
+                }
                 b'R' => match f.body.get_i32() {
                     0 => {}
                     3 => frontend::password_message(password.ok_or_else(need_password)?, &mut out)
                         .map_err(|e| Error::protocol(&what, e))?,
                     5 => {
-                        let salt: [u8; 4] = f.body[..4]
-                            .try_into()
-                            .map_err(|_| Error::protocol(&what, "short MD5 salt"))?;
+                        let salt: [u8; 4] = f
+                            .body
+                            .get(..4)
+                            .and_then(|b| b.try_into().ok())
+                            .ok_or_else(|| Error::protocol(&what, "short MD5 salt"))?;
                         let hash =
                             md5_hash(user.as_bytes(), password.ok_or_else(need_password)?, salt);
                         frontend::password_message(hash.as_bytes(), &mut out)
@@ -297,7 +302,9 @@ impl ReplicationStream {
     }
 
     /// Tells the peer that everything up to `flushed` is durably applied
-    /// here (it may release that WAL) and that `received` has arrived.
+    /// here (it may release that WAL) and that `received` has arrived. It
+    /// asks for an answer, so that a link that died silently (no reset, as a
+    /// cut WAN link) shows as a peer that stopped answering.
     pub async fn confirm(&mut self, received: Lsn, flushed: Lsn) -> Result<(), Error> {
         let now_us = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -310,7 +317,7 @@ impl ReplicationStream {
         msg.extend(flushed.0.to_be_bytes());
         msg.extend(flushed.0.to_be_bytes());
         msg.extend(now_us.to_be_bytes());
-        msg.push(0);
+        msg.push(1);
         let mut out = BytesMut::new();
         frontend::CopyData::new(&msg[..])
             .map_err(|e| Error::protocol(self.what.clone(), e))?
