@@ -194,9 +194,8 @@ fn reject(client: &mut SpiClient<'_>, origin: &str, reason: String, raw: &str) {
 fn apply_intent_in(client: &mut SpiClient<'_>, i: &Intent, raw: &str) -> Outcome {
     let Some(t) = table(client, &i.schema, &i.table) else {
         let reason = format!(
-            "table {}.{} is not a global table in this region",
-            quote_ident(&i.schema),
-            quote_ident(&i.table)
+            "table {} is not a global table in this region",
+            qualified(&i.schema, &i.table)
         );
         reject(client, &i.origin, reason, raw);
         return Outcome::default();
@@ -204,9 +203,8 @@ fn apply_intent_in(client: &mut SpiClient<'_>, i: &Intent, raw: &str) -> Outcome
     let delta = i.delta.clone().unwrap_or_default();
     if i.op != Op::Delete && t.counter_cols.iter().any(|c| !delta.contains_key(c)) {
         let reason = format!(
-            "intent for {}.{} lacks increments for counter columns {:?}: are the columns counters in region {}?",
-            quote_ident(&i.schema),
-            quote_ident(&i.table),
+            "intent for {} lacks increments for counter columns {:?}: are the columns counters in region {}?",
+            qualified(&i.schema, &i.table),
             t.counter_cols,
             i.origin
         );
@@ -316,16 +314,15 @@ fn apply_intent_in(client: &mut SpiClient<'_>, i: &Intent, raw: &str) -> Outcome
     }
 }
 
-fn quote_ident(s: &str) -> String {
-    if !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && !s.starts_with(|c: char| c.is_ascii_digit())
-    {
-        s.to_string()
-    } else {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    }
+/// `schema.table` quoted as PostgreSQL quotes identifiers (for messages).
+fn qualified(schema: &str, table: &str) -> String {
+    let quote = |s: &str| {
+        let c = std::ffi::CString::new(s).unwrap_or_default();
+        unsafe { std::ffi::CStr::from_ptr(pg_sys::quote_identifier(c.as_ptr())) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    format!("{}.{}", quote(schema), quote(table))
 }
 
 fn decode(raw: &str) -> Intent {

@@ -5,7 +5,6 @@
 //! so it is Rust with one kept plan (it was plpgsql calling plpgsql).
 
 use crate::apply::run_kept;
-use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::JsonB;
@@ -17,7 +16,7 @@ use serde_json::{Map, Value};
 /// the region's entry of the version vector goes up by one
 /// (`VersionVector::bump`, in SQL so that it is one round of work).
 const STAMP_SQL: &str = "INSERT INTO foreshadow.row_versions AS v (relid, key, hlc, origin, vv, deleted) \
-     VALUES ($1, $2, $3, $4, pg_catalog.jsonb_build_object($4, 1), $5) \
+     VALUES ($1, $2::jsonb, $3, $4, pg_catalog.jsonb_build_object($4, 1), $5) \
      ON CONFLICT (relid, key) DO UPDATE \
      SET hlc = CASE WHEN EXCLUDED.hlc > v.hlc THEN EXCLUDED.hlc ELSE foreshadow.hlc_next(v.hlc) END, \
          origin = EXCLUDED.origin, \
@@ -89,22 +88,22 @@ fn record(
     delta: Option<Map<String, Value>>,
 ) {
     let region = crate::gucs::region();
-    let key = Value::Object(key);
-    let key_text = key.to_string();
+    let key_text = Value::Object(key).to_string();
     let stamped = Spi::connect_mut(|client| {
         run_kept(
             client,
             STAMP_SQL,
             &[
                 pg_sys::OIDOID,
-                pg_sys::JSONBOID,
+                // The key's text is needed for the intent anyway: serialised once.
+                pg_sys::TEXTOID,
                 pg_sys::INT8OID,
                 pg_sys::TEXTOID,
                 pg_sys::BOOLOID,
             ],
             &[
                 relid.into(),
-                DatumWithOid::from(JsonB(key)),
+                key_text.as_str().into(),
                 crate::clock::next_stamp().into(),
                 region.as_str().into(),
                 (op == "delete").into(),

@@ -513,7 +513,6 @@ impl Lab {
     /// order-independent md5 of the rows that needs no Foreshadow function
     /// (so it works for every engine).
     pub async fn wait_identical(&self, tables: &[&str], timeout: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + timeout;
         let sql = tables
             .iter()
             .map(|t| {
@@ -523,26 +522,42 @@ impl Lab {
             })
             .collect::<Vec<_>>()
             .join(" || ");
+        self.wait_same(&format!("SELECT {sql}"), &[], &tables.join(", "), timeout)
+            .await
+            .map(|_| ())
+    }
+
+    /// Runs `sql` (one text value) in every region until all regions give
+    /// the same answer; returns it.
+    async fn wait_same(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        what: &str,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
         loop {
             let mut seen = Vec::new();
             for r in &self.spec.regions {
-                let d = match self.client(&r.name).await {
+                let answer = match self.client(&r.name).await {
                     Ok(c) => c
-                        .query_one(&format!("SELECT {sql}"), &[])
+                        .query_one(sql, params)
                         .await
-                        .ok()
-                        .map(|row| row.get::<_, String>(0)),
-                    Err(_) => None,
+                        .map(|row| row.get::<_, String>(0))
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
                 };
-                seen.push(d);
+                seen.push((r.name.clone(), answer));
             }
-            if seen[0].is_some() && seen.iter().all(|d| *d == seen[0]) {
-                return Ok(());
+            if let Some(Ok(first)) = seen.first().map(|(_, a)| a.clone()) {
+                if seen.iter().all(|(_, a)| a.as_ref() == Ok(&first)) {
+                    return Ok(first);
+                }
             }
             if Instant::now() > deadline {
                 return Err(format!(
-                    "{} not identical in every region after {timeout:?}",
-                    tables.join(", ")
+                    "{what} not the same in every region after {timeout:?}: {seen:?}"
                 ));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -567,39 +582,15 @@ impl Lab {
         Ok(())
     }
 
-    /// Each region's `foreshadow.table_digest` of `table`.
-    pub async fn digests(&self, table: &str) -> Result<Vec<(String, String)>, String> {
-        let mut out = Vec::new();
-        for r in &self.spec.regions {
-            let c = self.client(&r.name).await?;
-            let row = c
-                .query_one(
-                    "SELECT foreshadow.table_digest($1::text::regclass)",
-                    &[&table],
-                )
-                .await
-                .map_err(|e| format!("region {}: {e}", r.name))?;
-            out.push((r.name.clone(), row.get(0)));
-        }
-        Ok(out)
-    }
-
-    /// Waits until `table` has the same digest in every region.
+    /// Waits until `table` has the same `foreshadow.table_digest` in every
+    /// region; returns the digest.
     pub async fn wait_converged(&self, table: &str, timeout: Duration) -> Result<String, String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let digests = self.digests(table).await;
-            if let Ok(d) = &digests {
-                if d.iter().all(|(_, x)| *x == d[0].1) {
-                    return Ok(d[0].1.clone());
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "{table} did not converge within {timeout:?}: {digests:?}"
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        self.wait_same(
+            "SELECT foreshadow.table_digest($1::text::regclass)",
+            &[&table],
+            table,
+            timeout,
+        )
+        .await
     }
 }
