@@ -50,9 +50,14 @@ fn parse() -> Result<Args, String> {
 }
 
 impl Args {
-    fn get<T: std::str::FromStr>(&self, flag: &str, default: Option<T>) -> Result<T, String> {
+    fn get<T: std::str::FromStr>(&self, flag: &str, default: Option<T>) -> Result<T, String>
+    where
+        T::Err: std::fmt::Display,
+    {
         match self.flags.get(flag) {
-            Some(v) => v.parse().map_err(|_| format!("{flag}: cannot use {v:?}")),
+            Some(v) => v
+                .parse()
+                .map_err(|e| format!("{flag}: cannot use {v:?}: {e}")),
             None => default.ok_or_else(|| format!("{flag} is required\n{}", usage())),
         }
     }

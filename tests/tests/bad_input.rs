@@ -191,3 +191,67 @@ async fn sidecar_exits_cleanly_on_sigterm() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_column_strategy_refuses_bad_columns_with_clear_errors() {
+    let lab = lab("badcounter", 1, 0).await;
+    let c = lab.client(&names(&lab)[0]).await.unwrap();
+    let refused = |sql: &'static str| {
+        let c = &c;
+        async move {
+            let e = c.batch_execute(sql).await.unwrap_err();
+            let db = e.as_db_error().unwrap().clone();
+            (db.code().code().to_string(), db.message().to_string())
+        }
+    };
+    let (code, msg) =
+        refused("SELECT foreshadow.set_column_strategy('accounts', 'id', 'counter')").await;
+    assert_eq!(code, "22023");
+    assert!(msg.contains("part of the primary key"), "{msg}");
+    let (code, msg) =
+        refused("SELECT foreshadow.set_column_strategy('accounts', 'nope', 'counter')").await;
+    assert_eq!(code, "42703", "{msg}");
+    let (code, msg) =
+        refused("SELECT foreshadow.set_column_strategy('accounts', 'balance', 'sum')").await;
+    assert_eq!(code, "22023");
+    assert!(msg.contains("unknown column strategy \"sum\""), "{msg}");
+    c.batch_execute("CREATE TABLE plain_t (id int PRIMARY KEY, n int)")
+        .await
+        .unwrap();
+    let (code, _) =
+        refused("SELECT foreshadow.set_column_strategy('plain_t', 'n', 'counter')").await;
+    assert_eq!(code, "42704");
+    // Nothing half-done: the table's columns are as they were.
+    let counters: Vec<String> = c
+        .query_one(
+            "SELECT counter_columns FROM foreshadow.global_tables WHERE table_name = 'accounts'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(counters.is_empty());
+}
+
+#[test]
+fn lab_cli_refuses_bad_engines_scenarios_and_sizes() {
+    let run = |args: &[&str]| {
+        let out = Command::new(sibling_binary("foreshadow-lab"))
+            .args(args)
+            .output()
+            .expect("runs the lab");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = run(&["up", "--dir", "/tmp/foreshadow-never", "--engine", "bdr"]);
+    assert!(!ok && err.contains("unknown engine \"bdr\""), "{err}");
+    let (ok, err) = run(&["bench", "speed"]);
+    assert!(!ok && err.contains("unknown scenario \"speed\""), "{err}");
+    let (ok, err) = run(&["bench", "lag", "--regions", "9"]);
+    assert!(!ok && err.contains("2 to 5 regions"), "{err}");
+    let (ok, err) = run(&["bench", "lag", "--seconds", "soon"]);
+    assert!(!ok && err.contains("--seconds"), "{err}");
+    assert!(!std::path::Path::new("/tmp/foreshadow-never").exists());
+}
