@@ -5,8 +5,9 @@ SHELL := /bin/bash
 PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 # The one pgrx pin lives in Cargo.toml; cargo-pgrx must match it exactly.
 PGRX_VERSION := $(shell sed -n 's/^pgrx = "=\(.*\)"/\1/p' Cargo.toml)
-# pglogical is the peer the benchmarks compare against.
-APT_PACKAGES := postgresql-15 postgresql-server-dev-15 postgresql-15-pglogical libclang-dev clang pkg-config sudo
+# pglogical is the peer the benchmarks compare against; faketime skews a
+# region's clock in the causality tests.
+APT_PACKAGES := postgresql-15 postgresql-server-dev-15 postgresql-15-pglogical libclang-dev clang pkg-config sudo faketime
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PREFIX ?= /usr/local
 PGRX_TEST_DATA ?= /tmp/foreshadow-pgrx-test

@@ -1,59 +1,50 @@
-//! Applying peers' intents: the one implementation of the apply rules, in
-//! Rust with plans prepared once per backend (the plpgsql version re-planned
-//! every statement of every intent). `apply_transaction` applies a whole
-//! peer transaction in one call; `apply_one` is the same rule for a single
-//! intent, which the SQL function `foreshadow.apply_intent` wraps in a
-//! subtransaction so that an intent that fails is kept as a dead letter.
+//! Applying peers' intents: the one apply path. The sidecar hands over a
+//! peer transaction (or a run of them) with `apply_transaction`; an
+//! operator replays kept intents with `retry_dead_letters`; both apply each
+//! intent with [`apply_intent`].
 //!
-//! Locks are taken in the order local writes take them (the user's row,
-//! then its version), so an apply and a local write of the same row queue
-//! behind each other instead of deadlocking.
+//! Writes to the user's table run as its owner (`rights`), with values
+//! parsed under the canonical settings and only `ENABLE REPLICA`/`ALWAYS`
+//! triggers firing (`canonical::applying`). Locks are taken in the order a
+//! local write takes them, the user's row before its version, so an apply
+//! and a local write of the same row queue instead of deadlocking:
+//! - the row exists: lock it, then its version;
+//! - it does not: insert it if its key is still free (this claims the key
+//!   against local writers and other peers' applies), then lock the
+//!   version; if the key was taken meanwhile, start over (the row exists
+//!   now). A delete of a missing row only touches the version.
+//!
+//! Only an intent that can never apply here becomes a dead letter
+//! (malformed, not from the region whose stream carried it, or for a table
+//! that is not global here). Anything else that fails (an intent that does
+//! not fit the table's columns, a constraint, a lock, the disk) raises: the
+//! whole peer transaction rolls back and the sidecar retries it, stopping
+//! that peer's lane with a visible error until the cause is gone.
 
+use crate::catalog::{self, Table};
+use crate::errors::raise;
+use crate::heap::{Heap, Values};
+use crate::spi::{first, jsonb, run_kept};
 use foreshadow_model::lww::{incoming_wins, Stamp};
 use foreshadow_model::{Causality, Hlc, Intent, Op, VersionVector};
-use pgrx::datum::{DatumWithOid, TimestampWithTimeZone};
-use pgrx::pg_sys::{self, PgOid};
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::pg_sys;
 use pgrx::prelude::*;
-use pgrx::spi::{OwnedPreparedStatement, SpiClient};
-use pgrx::JsonB;
+use pgrx::spi::SpiClient;
+use pgrx::AnyNumeric;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
-use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
-use std::rc::Rc;
 
-/// Global tables by (schema, table): the generation read in, and the table.
-type TableCache = HashMap<(String, String), (u64, Option<Rc<Table>>)>;
-
-thread_local! {
-    /// Global tables by (schema, table), with the invalidation generation
-    /// they were read in; `None`: not global here.
-    static TABLES: RefCell<TableCache> = RefCell::new(HashMap::new());
-    /// Bumped by every relcache invalidation. Every change to a global
-    /// table's setup (make_global, set_column_strategy, drop_global, DROP
-    /// TABLE, ALTER TABLE) creates, replaces or drops a trigger on the
-    /// table, which invalidates its relcache entry: cached tables are then
-    /// read again.
-    static GENERATION: Cell<u64> = const { Cell::new(0) };
-    /// Prepared plans by SQL text. The per-table statements embed the
-    /// table's name, so a table made global again gets its own entry;
-    /// PostgreSQL re-plans a kept plan itself when a table's schema changes.
-    static PLANS: RefCell<HashMap<String, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
-}
-
-const TABLE_SQL: &str =
-    "SELECT relid, counter_cols, upsert_sql, delete_sql, counter_sql, lock_sql \
-     FROM foreshadow.tables WHERE schema_name = $1::name AND table_name = $2::name";
 const VERSION_SQL: &str =
     "SELECT hlc::text, origin, vv::text, deleted::text FROM foreshadow.row_versions \
+     WHERE relid = $1 AND key = $2";
+const VERSION_LOCK_SQL: &str =
+    "SELECT hlc::text, origin, vv::text, deleted::text FROM foreshadow.row_versions \
      WHERE relid = $1 AND key = $2 FOR UPDATE";
-/// The new version, written by the same statement as the row (its $1): a
-/// data-modifying WITH that the main statement does not read runs after
-/// it, so the row is locked before its version, as in a local write.
-const STAMP_CTE: &str = "WITH stamp AS (INSERT INTO foreshadow.row_versions AS v (relid, key, hlc, origin, vv, deleted) \
-     VALUES ($2, $3, $4, $5, $6::jsonb, $7) ON CONFLICT (relid, key) DO UPDATE \
-     SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin, vv = EXCLUDED.vv, deleted = EXCLUDED.deleted) ";
-const WRITE_TYPES: [pg_sys::Oid; 7] = [
-    pg_sys::JSONBOID,
+const STAMP_SQL: &str = "INSERT INTO foreshadow.row_versions AS v (relid, key, hlc, origin, vv, deleted) \
+     VALUES ($1, $2, $3, $4, $5::jsonb, $6) ON CONFLICT (relid, key) DO UPDATE \
+     SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin, vv = EXCLUDED.vv, deleted = EXCLUDED.deleted";
+const STAMP_TYPES: [pg_sys::Oid; 6] = [
     pg_sys::OIDOID,
     pg_sys::JSONBOID,
     pg_sys::INT8OID,
@@ -63,178 +54,281 @@ const WRITE_TYPES: [pg_sys::Oid; 7] = [
 ];
 const SEEN_SQL: &str =
     "UPDATE foreshadow.row_versions SET vv = $3::jsonb WHERE relid = $1 AND key = $2";
-const REJECT_SQL: &str = "SELECT foreshadow.reject_intent($1, $2, $3)";
-const COUNT_AND_PROGRESS_SQL: &str = "SELECT foreshadow.count_applied($1, $2, $3, $4), \
-     pg_catalog.pg_replication_origin_xact_setup($5::pg_lsn, $6)";
+const REJECT_SQL: &str = "INSERT INTO foreshadow.dead_letters (origin, kind, reason, intent) \
+     VALUES ($1, $2, $3, $4)";
+const COUNT_SQL: &str = "SELECT foreshadow.count_applied($1, $2, $3, $4)";
+const PROGRESS_SQL: &str = "SELECT pg_catalog.pg_replication_origin_xact_setup($1::pg_lsn, $2)";
 const IN_STEP_SQL: &str =
     "SELECT (coalesce(pg_catalog.pg_replication_origin_session_progress(false), '0/0') \
      = $1::pg_lsn)::text";
 const XID_SQL: &str = "SELECT pg_catalog.pg_current_xact_id()::text";
 const LOCK_TIMEOUT_SQL: &str = "SELECT pg_catalog.set_config('lock_timeout', $1, true)";
-const PROGRESS_SQL: &str = "SELECT pg_catalog.pg_replication_origin_xact_setup($1::pg_lsn, $2)";
 
-/// The plan of `sql`, prepared on first use and kept for the backend. The
-/// map is not borrowed while a plan runs: running one can fire triggers
-/// that come back here.
-fn kept_plan(
-    client: &SpiClient<'_>,
-    sql: &str,
-    types: &[pg_sys::Oid],
-) -> Rc<OwnedPreparedStatement> {
-    if let Some(plan) = PLANS.with(|p| p.borrow().get(sql).cloned()) {
-        return plan;
-    }
-    let types: Vec<PgOid> = types.iter().map(|&t| PgOid::from(t)).collect();
-    let plan = Rc::new(
-        client
-            .prepare_mut(sql, &types)
-            .unwrap_or_else(|e| panic!("preparing {sql}: {e}"))
-            .keep(),
-    );
-    PLANS.with(|p| p.borrow_mut().insert(sql.to_string(), plan.clone()));
-    plan
-}
-
-/// Runs `sql` with its kept plan; returns the rows, every column as text.
-pub fn run_kept<'a>(
-    client: &mut SpiClient<'_>,
-    sql: &str,
-    types: &[pg_sys::Oid],
-    args: &[DatumWithOid<'a>],
-) -> Vec<Vec<Option<Value>>> {
-    let plan = kept_plan(client, sql, types);
-    let table = client
-        .update(&*plan, None, args)
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    let mut out = Vec::new();
-    for row in table {
-        let mut cols = Vec::new();
-        for i in 1..=row.columns() {
-            cols.push(row.get::<String>(i).ok().flatten().map(Value::String));
-        }
-        out.push(cols);
-    }
-    // Result sets live until SPI disconnects; a peer transaction can
-    // hold thousands of intents, so free each one now.
-    unsafe { pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable) };
-    out
-}
-
-/// What one global table needs for applying.
-struct Table {
-    relid: pg_sys::Oid,
-    counter_cols: Vec<String>,
-    /// The row's upsert, and its delete, each with the version's stamp.
-    write_sql: String,
-    remove_sql: String,
-    counter_sql: Option<String>,
-    lock_sql: String,
-}
-
-/// Called by PostgreSQL for every relcache invalidation (registered in
-/// `_PG_init`): cached tables are stale from now on.
-#[pg_guard]
-pub unsafe extern "C-unwind" fn forget_tables(_arg: pg_sys::Datum, _relid: pg_sys::Oid) {
-    GENERATION.with(|g| g.set(g.get() + 1));
-}
-
-/// The global table `schema.table`, from the cache while nothing changed.
-fn table(client: &mut SpiClient<'_>, schema: &str, table: &str) -> Option<Rc<Table>> {
-    // Read first: an invalidation during the lookup leaves the entry stale.
-    let generation = GENERATION.with(Cell::get);
-    let key = (schema.to_string(), table.to_string());
-    if let Some((g, t)) = TABLES.with(|c| c.borrow().get(&key).cloned()) {
-        if g == generation {
-            return t;
-        }
-    }
-    let t = lookup(client, schema, table).map(Rc::new);
-    TABLES.with(|c| c.borrow_mut().insert(key, (generation, t.clone())));
-    t
-}
-
-fn lookup(client: &mut SpiClient<'_>, schema: &str, table: &str) -> Option<Table> {
-    let plan = kept_plan(client, TABLE_SQL, &[pg_sys::TEXTOID, pg_sys::TEXTOID]);
-    let rows = client
-        .select(&*plan, None, &[schema.into(), table.into()])
-        .expect("table lookup");
-    let row = rows.into_iter().next()?;
-    Some(Table {
-        relid: row.get::<pg_sys::Oid>(1).ok()??,
-        counter_cols: row.get::<Vec<String>>(2).ok()??,
-        write_sql: format!("{STAMP_CTE}{}", row.get::<String>(3).ok()??),
-        remove_sql: format!("{STAMP_CTE}{}", row.get::<String>(4).ok()??),
-        counter_sql: row.get::<String>(5).ok()?,
-        lock_sql: row.get::<String>(6).ok()??,
-    })
-}
+/// How often an intent starts over because its key was taken meanwhile
+/// before the transaction gives up (and the sidecar retries it whole).
+const ATTEMPTS: usize = 5;
 
 /// What applying one intent did.
 #[derive(Default, Clone, Copy)]
-struct Outcome {
-    changed: bool,
-    conflict: bool,
+pub struct Outcome {
+    pub changed: bool,
+    pub conflict: bool,
 }
 
-fn jsonb(map: &Map<String, Value>) -> DatumWithOid<'static> {
-    JsonB(Value::Object(map.clone())).into()
+/// Why an intent can never apply here (a dead letter's `kind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reject {
+    Malformed,
+    WrongOrigin,
+    NotGlobal,
 }
 
-fn reject(client: &mut SpiClient<'_>, origin: &str, reason: String, raw: &str) {
+impl Reject {
+    pub fn kind(self) -> &'static str {
+        match self {
+            Reject::Malformed => "malformed",
+            Reject::WrongOrigin => "wrong_origin",
+            Reject::NotGlobal => "not_global",
+        }
+    }
+}
+
+/// Keeps an intent that can never apply here, with the reason, and says so.
+pub fn reject(client: &mut SpiClient<'_>, origin: &str, why: Reject, reason: &str, raw: &str) {
+    pgrx::warning!(
+        "foreshadow: intent from region {origin} kept in foreshadow.dead_letters: {reason}"
+    );
     run_kept(
         client,
         REJECT_SQL,
-        &[pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTOID],
-        &[origin.into(), reason.into(), raw.into()],
+        &[
+            pg_sys::TEXTOID,
+            pg_sys::TEXTOID,
+            pg_sys::TEXTOID,
+            pg_sys::TEXTOID,
+        ],
+        &[origin.into(), why.kind().into(), reason.into(), raw.into()],
     );
 }
 
-/// Applies one intent under last-writer-wins, with counter columns adding
-/// their increments whether the rest of the write wins or not.
-fn apply_intent_in(client: &mut SpiClient<'_>, i: &Intent, raw: &str) -> Outcome {
-    let Some(t) = table(client, &i.schema, &i.table) else {
-        let reason = format!(
-            "table {} is not a global table in this region",
-            qualified(&i.schema, &i.table)
-        );
-        reject(client, &i.origin, reason, raw);
-        return Outcome::default();
-    };
-    let delta = i.delta.clone().unwrap_or_default();
-    if i.op != Op::Delete && t.counter_cols.iter().any(|c| !delta.contains_key(c)) {
-        let reason = format!(
-            "intent for {} lacks increments for counter columns {:?}: are the columns counters in region {}?",
-            qualified(&i.schema, &i.table),
-            t.counter_cols,
-            i.origin
-        );
-        reject(client, &i.origin, reason, raw);
-        return Outcome::default();
-    }
-    let relid = t.relid;
-    run_kept(client, &t.lock_sql, &[pg_sys::JSONBOID], &[jsonb(&i.key)]);
-    let cur = run_kept(
+/// A row's stored version.
+struct Version {
+    hlc: Hlc,
+    origin: String,
+    vv: VersionVector,
+    deleted: bool,
+}
+
+fn version(
+    client: &mut SpiClient<'_>,
+    t: &Table,
+    key: &Map<String, Value>,
+    lock: bool,
+) -> Option<Version> {
+    let sql = if lock { VERSION_LOCK_SQL } else { VERSION_SQL };
+    let row = run_kept(
         client,
-        VERSION_SQL,
+        sql,
         &[pg_sys::OIDOID, pg_sys::JSONBOID],
-        &[relid.into(), jsonb(&i.key)],
+        &[t.relid.into(), jsonb(key)],
     )
     .into_iter()
-    .next()
-    .map(|row| {
-        let text = |k: usize| match &row[k] {
-            Some(Value::String(s)) => s.clone(),
-            _ => String::new(),
+    .next()?;
+    let text = |k: usize| row[k].clone().unwrap_or_default();
+    Some(Version {
+        hlc: Hlc(text(0).parse().unwrap_or(0)),
+        origin: text(1),
+        vv: serde_json::from_str(&text(2)).unwrap_or_default(),
+        deleted: text(3) == "true",
+    })
+}
+
+/// The counter columns' new values: the value here (NULL counts as 0)
+/// plus the intent's increment.
+fn add_increments(
+    heap: &Heap<'_>,
+    t: &Table,
+    i: &Intent,
+    local: Option<*mut pg_sys::TupleTableSlot>,
+    v: &mut Values,
+) {
+    let Some(delta) = &i.delta else {
+        return;
+    };
+    for c in t.counters.iter().filter_map(|c| t.column(c)) {
+        let Some(d) = delta.get(&c.name) else {
+            continue;
         };
-        let vv: VersionVector = serde_json::from_str(&text(2)).unwrap_or_default();
-        (
-            text(0).parse::<u64>().unwrap_or(0),
-            text(1),
-            vv,
-            text(3) == "true",
+        let here = local
+            .and_then(|l| heap.text_of(l, c))
+            .unwrap_or_else(|| "0".into());
+        heap.set(v, c, &Value::String(sum(&here, &d.to_string())));
+    }
+}
+
+/// `a + b`, exactly (integers in Rust, anything else in numeric).
+fn sum(a: &str, b: &str) -> String {
+    arithmetic(a, b, false)
+}
+
+/// `a - b`, exactly: a counter write's increment.
+pub fn difference(a: &str, b: &str) -> String {
+    arithmetic(a, b, true)
+}
+
+fn arithmetic(a: &str, b: &str, subtract: bool) -> String {
+    match (a.parse::<i128>(), b.parse::<i128>()) {
+        (Ok(x), Ok(y)) if subtract => (x - y).to_string(),
+        (Ok(x), Ok(y)) => (x + y).to_string(),
+        _ => {
+            let parse = |s: &str| {
+                AnyNumeric::try_from(s).unwrap_or_else(|e| {
+                    raise(
+                        PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
+                        format!("counter value {s:?} is not a number: {e}"),
+                        "Counter columns hold numbers.",
+                    )
+                })
+            };
+            let (x, y) = (parse(a), parse(b));
+            if subtract { x - y } else { x + y }.to_string()
+        }
+    }
+}
+
+/// The intent's row as values to write. Counter columns hold the
+/// increment added to the value here (`local`; none: to zero), except
+/// where the row is a tombstone here: then the write brings it back as the
+/// writer has it.
+fn row_values(
+    heap: &Heap<'_>,
+    t: &Table,
+    i: &Intent,
+    resurrects: bool,
+    local: Option<*mut pg_sys::TupleTableSlot>,
+) -> Values {
+    let mut v = heap.values(i.row.as_ref().unwrap_or(&i.key));
+    if !resurrects {
+        add_increments(heap, t, i, local, &mut v);
+    }
+    v
+}
+
+/// Checks that the intent fits this region's table: every column it
+/// carries exists here, and its counter columns are this region's. A
+/// mismatch stops the peer's lane (the transaction raises) until the
+/// schemas agree again; it is never skipped.
+fn check_fits(t: &Table, i: &Intent) {
+    let carried = i.row.iter().flat_map(|r| r.keys()).chain(i.key.keys());
+    if let Some(missing) = carried.clone().find(|c| t.column(c).is_none()) {
+        raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+            format!(
+                "intent from region {} for {} carries column \"{missing}\", which the table does not have in this region",
+                i.origin, t.qualified
+            ),
+            "Give the table the same columns in every region (ALTER TABLE in each); replication from that region resumes by itself.",
+        );
+    }
+    if i.op != Op::Delete {
+        let delta = i.delta.as_ref();
+        if let Some(c) = t
+            .counters
+            .iter()
+            .find(|c| delta.is_none_or(|d| !d.contains_key(*c)))
+        {
+            raise(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!(
+                    "intent from region {} for {} has no increment for counter column \"{c}\"",
+                    i.origin, t.qualified
+                ),
+                "Make the same columns counters in every region (foreshadow.set_column_strategy); replication from that region resumes by itself.",
+            );
+        }
+    }
+}
+
+/// Where the user's row stands when the intent is decided.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RowState {
+    /// It was there and is locked.
+    Locked(*mut pg_sys::TupleTableSlot),
+    /// It was not there and was just inserted with the intent's image.
+    Inserted,
+    /// It is not there (a delete).
+    Absent,
+}
+
+/// Applies one well-formed intent to a global table: last writer wins, and
+/// counter columns add their increments whether the rest of the write
+/// wins or not. The user's row is written at the heap level, as its owner.
+pub fn apply_intent(client: &mut SpiClient<'_>, t: &Table, i: &Intent) -> Outcome {
+    check_fits(t, i);
+    {
+        let heap = Heap::open(t);
+        let key = heap.values(&i.key);
+        for _ in 0..ATTEMPTS {
+            if let Some(local) = heap.find(&key) {
+                let cur = version(client, t, &i.key, true);
+                return decide(client, t, i, cur, RowState::Locked(local), &heap);
+            }
+            if i.op == Op::Delete {
+                let cur = version(client, t, &i.key, true);
+                return decide(client, t, i, cur, RowState::Absent, &heap);
+            }
+            // No row: claim the key with the row itself (a concurrent
+            // insert of the same key makes this wait, then raise: the
+            // sidecar retries), then lock its version.
+            let seen = version(client, t, &i.key, false);
+            let resurrects = seen.as_ref().is_some_and(|v| v.deleted);
+            let mut values = row_values(&heap, t, i, resurrects, None);
+            heap.fill_defaults(&mut values);
+            heap.insert(&values);
+            let cur = version(client, t, &i.key, true);
+            if cur.as_ref().is_some_and(|v| v.deleted) == resurrects {
+                let o = decide(client, t, i, cur, RowState::Inserted, &heap);
+                if !o.changed {
+                    // The write lost to the version here (a newer delete):
+                    // the row claimed for it goes again.
+                    remove(&heap, &key);
+                }
+                return o;
+            }
+            // The version changed between the look and the lock (a delete
+            // applied from another peer): the image may be of the wrong kind.
+            remove(&heap, &key);
+        }
+        raise(
+            PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+            format!(
+                "the row {} of {} kept changing while an intent from region {} was applied",
+                Value::Object(i.key.clone()),
+                t.qualified,
+                i.origin
+            ),
+            "The sidecar retries the peer transaction.",
         )
-    });
-    let mut vv = cur.as_ref().map(|c| c.2.clone()).unwrap_or_default();
+    }
+}
+
+fn remove(heap: &Heap<'_>, key: &Values) {
+    if let Some(local) = heap.find(key) {
+        heap.delete(local);
+    }
+}
+
+/// Compares the intent with the row's version `cur` (locked) and writes
+/// what wins.
+fn decide(
+    client: &mut SpiClient<'_>,
+    t: &Table,
+    i: &Intent,
+    cur: Option<Version>,
+    row: RowState,
+    heap: &Heap<'_>,
+) -> Outcome {
+    let mut vv = cur.as_ref().map(|c| c.vv.clone()).unwrap_or_default();
     let conflict = cur.is_some() && vv.compare(&i.vv) == Causality::Concurrent;
     vv.merge(&i.vv);
     let vv_text = serde_json::to_string(&vv).expect("a version vector serialises");
@@ -244,63 +338,48 @@ fn apply_intent_in(client: &mut SpiClient<'_>, i: &Intent, raw: &str) -> Outcome
             origin: &i.origin,
         },
         cur.as_ref().map(|c| Stamp {
-            hlc: Hlc(c.0),
-            origin: &c.1,
+            hlc: c.hlc,
+            origin: &c.origin,
         }),
     );
+    let deleted_here = cur.as_ref().is_some_and(|c| c.deleted);
     if !wins {
-        // The current version supersedes this write: remember it was seen,
-        // and keep its increments unless the row is deleted.
+        // The version here supersedes this write: remember it was seen, and
+        // keep its increments unless the row is deleted.
         run_kept(
             client,
             SEEN_SQL,
             &[pg_sys::OIDOID, pg_sys::JSONBOID, pg_sys::TEXTOID],
-            &[relid.into(), jsonb(&i.key), vv_text.into()],
+            &[t.relid.into(), jsonb(&i.key), vv_text.into()],
         );
-        let deleted = cur.as_ref().map(|c| c.3).unwrap_or(false);
-        let changed = match (&t.counter_sql, i.delta.is_some() && !deleted) {
-            (Some(sql), true) => {
-                let mut k = i.key.clone();
-                k.extend(
-                    delta
-                        .into_iter()
-                        .filter(|(c, _)| t.counter_cols.contains(c)),
-                );
-                run_kept(client, sql, &[pg_sys::JSONBOID], &[jsonb(&k)]);
+        let changed = match row {
+            RowState::Locked(local)
+                if !deleted_here && i.delta.is_some() && !t.counters.is_empty() =>
+            {
+                let mut v = heap.values(&Map::new());
+                add_increments(heap, t, i, Some(local), &mut v);
+                heap.update(local, &v);
                 true
             }
             _ => false,
         };
         return Outcome { changed, conflict };
     }
-    // $1: the row image with the counter increments, or the key to delete.
-    // Counter columns carry the increment, which the upsert adds to the
-    // row here, except where the row was deleted here: then the write
-    // brings it back as the writer has it (absolute values). Increments for
-    // columns that are not counters here are ignored (the row image has the
-    // absolute value).
-    let resurrects = cur.as_ref().is_some_and(|c| c.3);
-    let (sql, target) = match (&i.op, &i.row) {
-        (Op::Delete, _) | (_, None) => (&t.remove_sql, i.key.clone()),
-        (_, Some(row)) => {
-            let mut image = row.clone();
-            if !resurrects {
-                image.extend(
-                    delta
-                        .into_iter()
-                        .filter(|(c, _)| t.counter_cols.contains(c)),
-                );
-            }
-            (&t.write_sql, image)
+    match (i.op, row) {
+        (Op::Delete, RowState::Locked(local)) => heap.delete(local),
+        (Op::Insert | Op::Update, RowState::Locked(local)) => {
+            let v = row_values(heap, t, i, deleted_here, Some(local));
+            heap.update(local, &v);
         }
-    };
+        // Absent stays absent; an inserted row already holds the image.
+        _ => {}
+    }
     run_kept(
         client,
-        sql,
-        &WRITE_TYPES,
+        STAMP_SQL,
+        &STAMP_TYPES,
         &[
-            jsonb(&target),
-            relid.into(),
+            t.relid.into(),
             jsonb(&i.key),
             (i.hlc.0 as i64).into(),
             i.origin.as_str().into(),
@@ -314,68 +393,104 @@ fn apply_intent_in(client: &mut SpiClient<'_>, i: &Intent, raw: &str) -> Outcome
     }
 }
 
-/// `schema.table` quoted as PostgreSQL quotes identifiers (for messages).
-fn qualified(schema: &str, table: &str) -> String {
-    let quote = |s: &str| {
-        let c = std::ffi::CString::new(s).unwrap_or_default();
-        unsafe { std::ffi::CStr::from_ptr(pg_sys::quote_identifier(c.as_ptr())) }
-            .to_string_lossy()
-            .into_owned()
+/// Applies one intent as it arrived (JSON text), or keeps it as a dead
+/// letter if it can never apply here. `peer`: the region whose stream
+/// carried it; only that region's own writes are accepted from it.
+pub fn apply_raw(client: &mut SpiClient<'_>, peer: &str, raw: &str) -> Outcome {
+    let i = match Intent::decode(raw.as_bytes()) {
+        Ok(i) => i,
+        Err(e) => {
+            reject(
+                client,
+                peer,
+                Reject::Malformed,
+                &format!("malformed intent: {e}"),
+                raw,
+            );
+            return Outcome::default();
+        }
     };
-    format!("{}.{}", quote(schema), quote(table))
-}
-
-fn decode(raw: &str) -> Intent {
-    Intent::decode(raw.as_bytes()).unwrap_or_else(|e| {
-        crate::errors::raise(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("malformed intent: {e}"),
-            "Intents are produced by Foreshadow's capture trigger; see foreshadow.dead_letters.",
-        )
-    })
-}
-
-/// Applies one intent (JSON text); says whether it changed the row and
-/// whether it was a conflict. Raises on failure: `foreshadow.apply_intent`
-/// turns that into a dead letter.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
-fn apply_one(
-    intent: &str,
-) -> TableIterator<'static, (name!(changed, bool), name!(conflict, bool))> {
-    let i = decode(intent);
-    let o = Spi::connect_mut(|client| apply_intent_in(client, &i, intent));
+    if i.origin != peer {
+        let reason = format!(
+            "intent claims origin region {} but came from region {peer}",
+            i.origin
+        );
+        reject(client, peer, Reject::WrongOrigin, &reason, raw);
+        return Outcome::default();
+    }
+    let Some(t) = catalog::table(client, &i.schema, &i.table) else {
+        let reason = format!(
+            "table {}.{} is not a global table in this region",
+            catalog::ident(&i.schema),
+            catalog::ident(&i.table)
+        );
+        reject(client, peer, Reject::NotGlobal, &reason, raw);
+        return Outcome::default();
+    };
+    let o = apply_intent(client, &t, &i);
     crate::clock::observe(i.hlc);
-    TableIterator::once((o.changed, o.conflict))
+    o
 }
 
-/// Applies one peer transaction (a JSON array of intents) and records, in
-/// the same local transaction, that the peer is applied up to `origin_lsn`
-/// (the session must have set up its replication origin). Raises if any
-/// intent fails, so that nothing of the transaction is kept; the sidecar
-/// then applies it intent by intent with `apply_transaction_safely`.
+/// The intents of a batch: a JSON array whose elements are intents, or
+/// JSON strings holding what arrived where an intent was expected but was
+/// not JSON at all (the sidecar wraps those so that they are kept).
+fn elements(intents: &str) -> Vec<std::borrow::Cow<'_, str>> {
+    let raws: Vec<&RawValue> = serde_json::from_str(intents).unwrap_or_else(|e| {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("intents are not a JSON array: {e}"),
+            "Pass the intents of peer transactions as a JSON array.",
+        )
+    });
+    raws.into_iter()
+        .map(|r| match serde_json::from_str::<String>(r.get()) {
+            Ok(text) => std::borrow::Cow::Owned(text),
+            Err(_) => std::borrow::Cow::Borrowed(r.get()),
+        })
+        .collect()
+}
+
+/// Applies peer transactions (the intents of one or more, in commit order,
+/// as a JSON array) and records, in the same local transaction, that the
+/// peer is applied up to `origin_lsn` (the session must have set up its
+/// replication origin). Raises if an intent cannot apply now, so that
+/// nothing of the transaction is kept; the sidecar retries it.
 ///
 /// The sidecar sends many of these without waiting for each answer. So
 /// that a failed one cannot be overtaken by the next, each applies only if
 /// the session's progress is still `prev_lsn` (the one before it);
-/// otherwise it does nothing and returns -1. `intents` may hold several
-/// peer transactions (catching up); `lock_timeout_ms` > 0 then bounds each
-/// wait for a local writer's lock, so that such a group gives way.
+/// otherwise it does nothing and returns -1. `lock_timeout_ms` > 0 bounds
+/// each wait for a local writer's lock, so that a group of transactions
+/// gives way to local writers. Returns the rows changed.
+///
+/// A peer transaction too large to send at once comes in parts, in one
+/// local transaction that the sidecar opened: every part but the last has
+/// no `origin_lsn` (no progress yet); the last records it.
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn apply_transaction(
+    peer: &str,
     intents: &str,
     prev_lsn: &str,
-    origin_lsn: &str,
-    origin_commit: TimestampWithTimeZone,
+    origin_lsn: Option<&str>,
+    origin_commit: Option<TimestampWithTimeZone>,
     lock_timeout_ms: default!(i32, 0),
 ) -> i32 {
-    let in_step = Spi::connect_mut(|client| {
-        let in_step = run_kept(client, IN_STEP_SQL, &[pg_sys::TEXTOID], &[prev_lsn.into()])
-            .first()
-            .and_then(|row| row[0].clone())
-            == Some(Value::String("true".into()));
-        if in_step && lock_timeout_ms > 0 {
+    crate::canonical::applying(true);
+    Spi::connect_mut(|client| {
+        let in_step = first(run_kept(
+            client,
+            IN_STEP_SQL,
+            &[pg_sys::TEXTOID],
+            &[prev_lsn.into()],
+        ))
+        .as_deref()
+            == Some("true");
+        if !in_step {
+            return -1;
+        }
+        if lock_timeout_ms > 0 {
             run_kept(
                 client,
                 LOCK_TIMEOUT_SQL,
@@ -383,64 +498,40 @@ fn apply_transaction(
                 &[format!("{lock_timeout_ms}ms").into()],
             );
         }
-        in_step
-    });
-    if !in_step {
-        return -1;
-    }
-    let raws: Vec<&serde_json::value::RawValue> =
-        serde_json::from_str(intents).unwrap_or_else(|e| {
-            crate::errors::raise(
-                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                format!("intents are not a JSON array: {e}"),
-                "Pass the intents of one peer transaction as a JSON array.",
-            )
-        });
-    let parsed: Vec<(Intent, &str)> = raws.iter().map(|r| (decode(r.get()), r.get())).collect();
-    let (mut changed, mut conflicts) = (0i32, 0i32);
-    let mut max_hlc = Hlc(0);
-    Spi::connect_mut(|client| {
-        if parsed.is_empty() {
-            // A peer transaction without intents (another tool's message):
-            // progress is only recorded with a commit record, which needs a
-            // transaction id.
-            run_kept(client, XID_SQL, &[], &[]);
-        }
-        for (i, raw) in &parsed {
-            let o = apply_intent_in(client, i, raw);
+        let elements = elements(intents);
+        // Progress is recorded with the commit record, which needs a
+        // transaction id even when nothing here was written.
+        run_kept(client, XID_SQL, &[], &[]);
+        let (mut changed, mut conflicts) = (0i32, 0i32);
+        for raw in &elements {
+            let o = apply_raw(client, peer, raw);
             changed += o.changed as i32;
             conflicts += o.conflict as i32;
-            max_hlc = max_hlc.max(i.hlc);
         }
-        match parsed.first() {
-            Some((first, _)) => run_kept(
-                client,
-                COUNT_AND_PROGRESS_SQL,
-                &[
-                    pg_sys::TEXTOID,
-                    pg_sys::INT4OID,
-                    pg_sys::INT4OID,
-                    pg_sys::INT4OID,
-                    pg_sys::TEXTOID,
-                    pg_sys::TIMESTAMPTZOID,
-                ],
-                &[
-                    first.origin.as_str().into(),
-                    (parsed.len() as i32).into(),
-                    changed.into(),
-                    conflicts.into(),
-                    origin_lsn.into(),
-                    origin_commit.into(),
-                ],
-            ),
-            None => run_kept(
+        run_kept(
+            client,
+            COUNT_SQL,
+            &[
+                pg_sys::TEXTOID,
+                pg_sys::INT4OID,
+                pg_sys::INT4OID,
+                pg_sys::INT4OID,
+            ],
+            &[
+                peer.into(),
+                (elements.len() as i32).into(),
+                changed.into(),
+                conflicts.into(),
+            ],
+        );
+        if let Some(lsn) = origin_lsn {
+            run_kept(
                 client,
                 PROGRESS_SQL,
                 &[pg_sys::TEXTOID, pg_sys::TIMESTAMPTZOID],
-                &[origin_lsn.into(), origin_commit.into()],
-            ),
-        };
-    });
-    crate::clock::observe(max_hlc);
-    changed
+                &[lsn.into(), origin_commit.into()],
+            );
+        }
+        changed
+    })
 }

@@ -4,11 +4,14 @@
 //! message, in the writer's own transaction. It runs for every written row,
 //! so it is Rust with one kept plan (it was plpgsql calling plpgsql).
 
-use crate::apply::run_kept;
+use crate::spi::run_kept;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use pgrx::JsonB;
+use pgrx::PgTupleDesc;
 use serde_json::{Map, Value};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
 
 /// One statement stamps the row: a fresh stamp from the region's clock,
 /// which has observed every stamp stored here, unless the row's stamp is
@@ -57,14 +60,84 @@ fn table_args(args: &[String]) -> TableArgs {
     }
 }
 
-/// The row as JSON text, as `row_to_json` prints it (which
-/// `jsonb_populate_record` reads back on the peers).
-fn row_json(tuple: PgHeapTuple<'_, AllocatedByPostgres>) -> String {
-    let datum = tuple.into_composite_datum();
-    unsafe {
-        pgrx::direct_function_call::<String>(pg_sys::row_to_json, &[datum])
-            .expect("row_to_json returns a value")
+/// How to print a relation's rows: each column's name and output
+/// function by attribute number (`None`: dropped or generated, not sent).
+struct Printer {
+    columns: Vec<Option<(String, pg_sys::Oid)>>,
+    /// money is printed after `lc_monetary`.
+    money: bool,
+}
+
+/// 790: money (pg_type.h's CASHOID, which the bindings leave out).
+const CASHOID: u32 = 790;
+
+impl Printer {
+    fn new(desc: pg_sys::TupleDesc) -> Printer {
+        let desc = unsafe { PgTupleDesc::from_pg_unchecked(desc) };
+        let mut money = false;
+        let columns = desc
+            .iter()
+            .map(|a| {
+                if a.is_dropped() || a.attgenerated != 0 {
+                    return None;
+                }
+                let typ = a.type_oid().value();
+                money |= typ == pg_sys::Oid::from(CASHOID);
+                let (mut output, mut varlena) = (pg_sys::Oid::INVALID, false);
+                unsafe { pg_sys::getTypeOutputInfo(typ, &mut output, &mut varlena) };
+                Some((a.name().to_string(), output))
+            })
+            .collect();
+        Printer { columns, money }
     }
+
+    /// The row as column → text (as the type's output function prints it,
+    /// under the canonical settings) or null. Text, not JSON numbers or
+    /// arrays, so that every value reaches the peers bit-identical (-0,
+    /// NaN, json with duplicate keys, 'null'::json) and is read back there
+    /// by the same type's input function.
+    fn print(&self, desc: pg_sys::TupleDesc, tuple: pg_sys::HeapTuple) -> Map<String, Value> {
+        let n = self.columns.len();
+        let (mut values, mut nulls) = (vec![pg_sys::Datum::from(0); n], vec![true; n]);
+        unsafe { pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr()) };
+        crate::canonical::printing(self.money, || {
+            self.columns
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| {
+                    let (name, output) = c.as_ref()?;
+                    let value = if nulls[i] {
+                        Value::Null
+                    } else {
+                        let text = unsafe { pg_sys::OidOutputFunctionCall(*output, values[i]) };
+                        let s = unsafe { std::ffi::CStr::from_ptr(text) }
+                            .to_string_lossy()
+                            .into_owned();
+                        unsafe { pg_sys::pfree(text.cast()) };
+                        Value::String(s)
+                    };
+                    Some((name.clone(), value))
+                })
+                .collect()
+        })
+    }
+}
+
+thread_local! {
+    /// Printers by table, with the relcache generation they were made in.
+    static PRINTERS: RefCell<HashMap<pg_sys::Oid, (u64, Rc<Printer>)>> = RefCell::new(HashMap::new());
+}
+
+fn printer(relid: pg_sys::Oid, desc: pg_sys::TupleDesc) -> Rc<Printer> {
+    let generation = crate::catalog::generation();
+    if let Some((g, p)) = PRINTERS.with(|c| c.borrow().get(&relid).cloned()) {
+        if g == generation {
+            return p;
+        }
+    }
+    let p = Rc::new(Printer::new(desc));
+    PRINTERS.with(|c| c.borrow_mut().insert(relid, (generation, p.clone())));
+    p
 }
 
 fn key_of(row: &Map<String, Value>, pk: &[String]) -> Map<String, Value> {
@@ -73,18 +146,14 @@ fn key_of(row: &Map<String, Value>, pk: &[String]) -> Map<String, Value> {
         .collect()
 }
 
-fn parse(row: &str) -> Map<String, Value> {
-    serde_json::from_str(row).expect("row_to_json returns a JSON object")
-}
-
 /// Stamps one local write and emits its intent. `row` is the new row image
-/// as JSON text (None for deletes), `delta` the counter increments.
+/// (None for deletes), `delta` the counter increments.
 fn record(
     relid: pg_sys::Oid,
     t: &TableArgs,
     op: &str,
     key: Map<String, Value>,
-    row: Option<&str>,
+    row: Option<&Map<String, Value>>,
     delta: Option<Map<String, Value>>,
 ) {
     let region = crate::gucs::region();
@@ -114,24 +183,24 @@ fn record(
         .into_iter()
         .next()
         .expect("the stamp returns its row");
-    let text = |i: usize| match &row0[i] {
-        Some(Value::String(s)) => s.clone(),
-        _ => "null".into(),
-    };
+    let text = |i: usize| row0[i].clone().unwrap_or_else(|| "null".into());
     let (hlc, vv) = (text(0), text(1));
     let q = |s: &str| Value::String(s.to_string()).to_string();
     let delta = delta
         .map(|d| Value::Object(d).to_string())
         .unwrap_or_else(|| "null".into());
-    // Built as text so that the row image keeps row_to_json's exact text.
+    let row = row.map_or_else(
+        || "null".into(),
+        |r| serde_json::to_string(r).expect("a row serialises"),
+    );
     let intent = format!(
-        "{{\"v\":1,\"origin\":{},\"hlc\":{hlc},\"schema\":{},\"table\":{},\"op\":{},\"key\":{key_text},\
-         \"row\":{},\"vv\":{vv},\"delta\":{delta},\"strategy\":{},\"class\":\"data\"}}",
+        "{{\"v\":{},\"origin\":{},\"hlc\":{hlc},\"schema\":{},\"table\":{},\"op\":{},\"key\":{key_text},\
+         \"row\":{row},\"vv\":{vv},\"delta\":{delta},\"strategy\":{},\"class\":\"data\"}}",
+        foreshadow_model::intent::WIRE_VERSION,
         q(&region),
         q(&t.schema),
         q(&t.table),
         q(op),
-        row.unwrap_or("null"),
         q(&t.strategy),
     );
     unsafe {
@@ -159,9 +228,21 @@ fn capture<'a>(
     }
     let t = table_args(&trigger.extra_args()?);
     let relid = trigger.relid()?;
-    let old = trigger.old().map(row_json);
-    let new = trigger.new().map(row_json);
-    let (old_row, new_row) = (old.as_deref().map(parse), new.as_deref().map(parse));
+    let data = trigger.trigger_data();
+    let desc = unsafe { (*data.tg_relation).rd_att };
+    let p = printer(relid, desc);
+    let event = data.tg_event;
+    let fired_by = |e: u32| event & pg_sys::TRIGGER_EVENT_OPMASK == e;
+    let (old_row, new_row) = if fired_by(pg_sys::TRIGGER_EVENT_INSERT) {
+        (None, Some(p.print(desc, data.tg_trigtuple)))
+    } else if fired_by(pg_sys::TRIGGER_EVENT_UPDATE) {
+        (
+            Some(p.print(desc, data.tg_trigtuple)),
+            Some(p.print(desc, data.tg_newtuple)),
+        )
+    } else {
+        (Some(p.print(desc, data.tg_trigtuple)), None)
+    };
     match (&old_row, &new_row) {
         (Some(o), None) => record(relid, &t, "delete", key_of(o, &t.pk), None, None),
         (_, Some(n)) => {
@@ -190,7 +271,7 @@ fn capture<'a>(
             }
             let delta =
                 (!t.counters.is_empty()).then(|| counter_delta(&t.counters, old_row.as_ref(), n));
-            record(relid, &t, op, key, new.as_deref(), delta);
+            record(relid, &t, op, key, Some(n), delta);
         }
         (None, None) => {}
     }
@@ -198,65 +279,108 @@ fn capture<'a>(
 }
 
 /// Counter columns travel as increments: new value minus old (insert: minus
-/// 0). Integers in Rust; other numbers exactly, in PostgreSQL's numeric.
+/// 0; NULL counts as 0), exactly.
 fn counter_delta(
     counters: &[String],
     old: Option<&Map<String, Value>>,
     new: &Map<String, Value>,
 ) -> Map<String, Value> {
-    let zero = Value::from(0);
     counters
         .iter()
         .map(|c| {
-            let n = new.get(c).unwrap_or(&zero);
-            let o = old.and_then(|r| r.get(c)).unwrap_or(&zero);
-            let d = match (n.as_i64(), o.as_i64()) {
-                (Some(a), Some(b)) if a.checked_sub(b).is_some() => Value::from(a - b),
-                _ => numeric_difference(n, o),
+            let text = |v: Option<&Value>| match v {
+                Some(Value::String(s)) => s.clone(),
+                _ => "0".into(),
             };
-            (c.clone(), d)
+            let (n, o) = (text(new.get(c)), text(old.and_then(|r| r.get(c))));
+            let d = crate::apply::difference(&n, &o);
+            (
+                c.clone(),
+                serde_json::from_str(&d).unwrap_or(Value::from(0)),
+            )
         })
         .collect()
 }
 
-fn numeric_difference(new: &Value, old: &Value) -> Value {
-    let text = Spi::get_one_with_args::<String>(
-        "SELECT ($1::numeric - $2::numeric)::text",
-        &[new.to_string().into(), old.to_string().into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or_else(|| "0".into());
-    serde_json::from_str(&text).unwrap_or(Value::from(0))
+/// BEFORE INSERT OR UPDATE on tables with counter columns (arguments: the
+/// counter columns): a counter written as NULL is stored as zero, so that
+/// every region holds the same number (peers add increments to zero).
+#[pg_trigger(sql = false)]
+fn counter_nulls<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, impl WhoAllocated>>, Box<dyn std::error::Error>> {
+    let Some(new) = trigger.new() else {
+        return Ok(None);
+    };
+    let mut row = new.into_owned();
+    let columns = trigger.extra_args().unwrap_or_default();
+    for c in &columns {
+        let Some((_, att)) = row.get_attribute_by_name(c) else {
+            continue;
+        };
+        let typ = att.type_oid().value();
+        macro_rules! zero_if_null {
+            ($t:ty, $zero:expr) => {
+                if row.get_by_name::<$t>(c)?.is_none() {
+                    row.set_by_name::<$t>(c, $zero)?;
+                }
+            };
+        }
+        match typ {
+            pg_sys::INT2OID => zero_if_null!(i16, 0),
+            pg_sys::INT4OID => zero_if_null!(i32, 0),
+            pg_sys::INT8OID => zero_if_null!(i64, 0),
+            pg_sys::NUMERICOID => zero_if_null!(AnyNumeric, AnyNumeric::from(0)),
+            _ => {}
+        }
+    }
+    Ok(Some(row))
 }
 
-/// Stamps and announces a write made before capture existed (make_global
-/// announcing rows already in a table).
+/// Announces the rows already in a table that was just made global, as
+/// inserts, so that they reach the regions that do not have them yet
+/// (`make_global(..., announce_existing => true)`). Read through a cursor,
+/// a batch at a time, printed as capture prints rows.
 #[pg_extern(volatile, parallel_unsafe)]
-fn record_write(
+fn announce_rows(
     tbl: pg_sys::Oid,
     schema_name: &str,
     table_name: &str,
     strategy: &str,
-    op: &str,
-    k: JsonB,
-    row_image: Option<JsonB>,
+    pk: Vec<String>,
 ) {
-    let key = match k.0 {
-        Value::Object(m) => m,
-        _ => crate::errors::raise(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            "the key must be a JSON object",
-            "Pass the primary-key columns as {\"column\": value}.",
-        ),
-    };
     let t = TableArgs {
         schema: schema_name.into(),
         table: table_name.into(),
         strategy: strategy.into(),
-        pk: Vec::new(),
+        pk,
         counters: Vec::new(),
     };
-    let row = row_image.map(|r| r.0.to_string());
-    record(tbl, &t, op, key, row.as_deref(), None);
+    let query = format!(
+        "SELECT * FROM {}.{}",
+        crate::catalog::ident(schema_name),
+        crate::catalog::ident(table_name)
+    );
+    Spi::connect_mut(|client| {
+        let mut cursor = client.open_cursor(&query, &[]);
+        loop {
+            let batch = cursor.fetch(1000).expect("fetching rows to announce");
+            if batch.is_empty() {
+                break;
+            }
+            // The fetched rows are SPI's current result set.
+            let rows: Vec<Map<String, Value>> = unsafe {
+                let fetched = pg_sys::SPI_tuptable;
+                let desc = (*fetched).tupdesc;
+                let printer = Printer::new(desc);
+                (0..(*fetched).numvals as usize)
+                    .map(|i| printer.print(desc, *(*fetched).vals.add(i)))
+                    .collect()
+            };
+            for row in rows {
+                let key = key_of(&row, &t.pk);
+                record(tbl, &t, "insert", key, Some(&row), None);
+            }
+        }
+    });
 }

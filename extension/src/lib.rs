@@ -5,10 +5,16 @@
 use pgrx::prelude::*;
 
 mod apply;
+mod canonical;
 mod capture;
+mod catalog;
 mod clock;
+mod dead_letters;
 mod errors;
 mod gucs;
+mod heap;
+mod rights;
+mod spi;
 mod versions;
 
 ::pgrx::pg_module_magic!();
@@ -32,7 +38,7 @@ pub extern "C-unwind" fn _PG_init() {
     // Cached global-table metadata of the apply path goes stale with the
     // table's relcache entry.
     unsafe {
-        pg_sys::CacheRegisterRelcacheCallback(Some(apply::forget_tables), pg_sys::Datum::from(0));
+        pg_sys::CacheRegisterRelcacheCallback(Some(catalog::forget_tables), pg_sys::Datum::from(0));
     }
 }
 

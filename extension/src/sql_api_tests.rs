@@ -4,6 +4,28 @@
 mod tests {
     use pgrx::prelude::*;
 
+    /// Applies a batch as the sidecar does: in a session with the peer's
+    /// replication origin, through `foreshadow.apply_transaction`.
+    fn apply(batch: &str) -> i32 {
+        Spi::run(
+            "SELECT pg_replication_origin_create('foreshadow_from_peer') \
+             WHERE pg_replication_origin_oid('foreshadow_from_peer') IS NULL",
+        )
+        .unwrap();
+        Spi::run(
+            "SELECT pg_replication_origin_session_setup('foreshadow_from_peer') \
+             WHERE NOT pg_replication_origin_session_is_setup()",
+        )
+        .unwrap();
+        Spi::get_one_with_args::<i32>(
+            "SELECT foreshadow.apply_transaction('peer', $1, p::text, (p + 1)::text, now()) \
+             FROM coalesce(pg_replication_origin_session_progress(false), '0/0') AS p",
+            &[batch.into()],
+        )
+        .unwrap()
+        .unwrap()
+    }
+
     fn setup_accounts() {
         Spi::run("CREATE TABLE public.accounts (id int PRIMARY KEY, owner text, balance bigint)")
             .unwrap();
@@ -25,7 +47,7 @@ mod tests {
         Spi::run("INSERT INTO accounts VALUES (1, 'ann', 10)").unwrap();
         Spi::run("UPDATE accounts SET balance = 20 WHERE id = 1").unwrap();
         let vv = Spi::get_one::<pgrx::JsonB>(
-            "SELECT vv FROM foreshadow.row_versions WHERE key = '{\"id\": 1}'",
+            "SELECT vv FROM foreshadow.row_versions WHERE key = '{\"id\": \"1\"}'",
         )
         .unwrap()
         .unwrap();
@@ -36,7 +58,7 @@ mod tests {
         assert_eq!(cols, Ok(Some(3)));
         Spi::run("DELETE FROM accounts WHERE id = 1").unwrap();
         let deleted = Spi::get_one::<bool>(
-            "SELECT deleted FROM foreshadow.row_versions WHERE key = '{\"id\": 1}'",
+            "SELECT deleted FROM foreshadow.row_versions WHERE key = '{\"id\": \"1\"}'",
         );
         assert_eq!(deleted, Ok(Some(true)));
     }
@@ -62,19 +84,11 @@ mod tests {
         setup_accounts();
         let intent = |hlc: i64, balance: i64| {
             format!(
-                r#"[{{"v":1,"origin":"peer","hlc":{hlc},"schema":"public","table":"accounts","op":"insert","key":{{"id":5}},"row":{{"id":5,"owner":"p","balance":{balance}}},"vv":{{"peer":1}},"strategy":"lww","class":"data"}}]"#
+                r#"[{{"v":2,"origin":"peer","hlc":{hlc},"schema":"public","table":"accounts","op":"insert","key":{{"id":5}},"row":{{"id":5,"owner":"p","balance":{balance}}},"vv":{{"peer":1}},"strategy":"lww","class":"data"}}]"#
             )
         };
-        let applied = Spi::get_one::<i32>(&format!(
-            "SELECT foreshadow.apply_intents('{}')",
-            intent(1000, 7)
-        ));
-        assert_eq!(applied, Ok(Some(1)));
-        let stale = Spi::get_one::<i32>(&format!(
-            "SELECT foreshadow.apply_intents('{}')",
-            intent(999, 8)
-        ));
-        assert_eq!(stale, Ok(Some(0)));
+        assert_eq!(apply(&intent(1000, 7)), 1);
+        assert_eq!(apply(&intent(999, 8)), 0);
         assert_eq!(
             Spi::get_one::<i64>("SELECT balance FROM accounts WHERE id = 5"),
             Ok(Some(7))
@@ -93,15 +107,13 @@ mod tests {
         setup_counters();
         let intent = |hlc: i64, n: i64, delta: i64, note: &str| {
             format!(
-                r#"[{{"v":1,"origin":"peer","hlc":{hlc},"schema":"public","table":"c","op":"update","key":{{"id":1}},"row":{{"id":1,"n":{n},"note":"{note}"}},"vv":{{"peer":{hlc}}},"delta":{{"n":{delta}}},"strategy":"lww","class":"data"}}]"#
+                r#"[{{"v":2,"origin":"peer","hlc":{hlc},"schema":"public","table":"c","op":"update","key":{{"id":1}},"row":{{"id":1,"n":{n},"note":"{note}"}},"vv":{{"peer":{hlc}}},"delta":{{"n":{delta}}},"strategy":"lww","class":"data"}}]"#
             )
         };
         // A row the peer created with 5 and a later write that lost here:
         // both increments count, the rest of the row follows the newer write.
-        let apply =
-            |i: String| Spi::run(&format!("SELECT foreshadow.apply_intents('{i}')")).unwrap();
-        apply(intent(2000, 5, 5, "newer"));
-        apply(intent(1000, 3, 3, "older"));
+        apply(&intent(2000, 5, 5, "newer"));
+        apply(&intent(1000, 3, 3, "older"));
         assert_eq!(
             Spi::get_two::<i64, String>("SELECT n, note FROM c WHERE id = 1"),
             Ok((Some(8), Some("newer".into())))
@@ -134,9 +146,9 @@ mod tests {
         Spi::run("SELECT foreshadow.make_global('public.n')").unwrap();
         let big = "12345678901234567890.123456789";
         let intent = format!(
-            r#"[{{"v":1,"origin":"peer","hlc":5,"schema":"public","table":"n","op":"insert","key":{{"id":{big}}},"row":{{"id":{big},"x":0.30000000000000000001}},"vv":{{"peer":1}},"strategy":"lww","class":"data"}}]"#
+            r#"[{{"v":2,"origin":"peer","hlc":5,"schema":"public","table":"n","op":"insert","key":{{"id":{big}}},"row":{{"id":{big},"x":0.30000000000000000001}},"vv":{{"peer":1}},"strategy":"lww","class":"data"}}]"#
         );
-        Spi::run(&format!("SELECT foreshadow.apply_intents('{intent}')")).unwrap();
+        apply(&intent);
         assert_eq!(
             Spi::get_one::<String>(&format!("SELECT x::text FROM n WHERE id = {big}")),
             Ok(Some("0.30000000000000000001".into()))
@@ -145,15 +157,94 @@ mod tests {
 
     #[pg_test]
     fn intent_for_unknown_table_goes_to_dead_letters() {
-        let intent = r#"[{"v":1,"origin":"peer","hlc":1,"schema":"public","table":"nope","op":"delete","key":{"id":1},"row":null,"vv":{"peer":1},"strategy":"lww","class":"data"}]"#;
+        let intent = r#"[{"v":2,"origin":"peer","hlc":1,"schema":"public","table":"nope","op":"delete","key":{"id":1},"row":null,"vv":{"peer":1},"strategy":"lww","class":"data"}]"#;
+        assert_eq!(apply(intent), 0);
+        let (kind, reason) =
+            Spi::get_two::<String, String>("SELECT kind, reason FROM foreshadow.dead_letters")
+                .unwrap();
+        assert_eq!(kind.as_deref(), Some("not_global"));
+        assert!(reason.unwrap().contains("public.nope"));
+        // Once the table is global here, the kept intent applies, once.
+        Spi::run("CREATE TABLE public.nope (id int PRIMARY KEY)").unwrap();
+        Spi::run("INSERT INTO public.nope VALUES (1)").unwrap();
+        Spi::run("SELECT foreshadow.make_global('public.nope', announce_existing => false)")
+            .unwrap();
         assert_eq!(
-            Spi::get_one::<i32>(&format!("SELECT foreshadow.apply_intents('{intent}')")),
+            Spi::get_one::<i64>("SELECT foreshadow.retry_dead_letters()"),
+            Ok(Some(1))
+        );
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM public.nope"),
             Ok(Some(0))
         );
-        let reason = Spi::get_one::<String>("SELECT reason FROM foreshadow.dead_letters")
-            .unwrap()
-            .unwrap();
-        assert!(reason.contains("public.nope"), "{reason}");
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM foreshadow.dead_letters"),
+            Ok(Some(0))
+        );
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT foreshadow.retry_dead_letters()"),
+            Ok(Some(0))
+        );
+    }
+
+    #[pg_test]
+    fn only_intents_that_can_never_apply_are_dead_letters() {
+        setup_accounts();
+        let forged = r#"[{"v":2,"origin":"elsewhere","hlc":1,"schema":"public","table":"accounts","op":"delete","key":{"id":1},"row":null,"vv":{"elsewhere":1},"strategy":"lww","class":"data"}, "not an intent", {"v":1}]"#;
+        assert_eq!(apply(forged), 0);
+        assert_eq!(
+            Spi::get_one::<Vec<String>>(
+                "SELECT array_agg(kind ORDER BY id) FROM foreshadow.dead_letters"
+            ),
+            Ok(Some(vec![
+                "wrong_origin".into(),
+                "malformed".into(),
+                "malformed".into()
+            ]))
+        );
+    }
+
+    #[pg_test(
+        error = "intent from region peer for public.accounts carries column \"extra\", which the table does not have in this region"
+    )]
+    fn an_intent_that_does_not_fit_raises() {
+        setup_accounts();
+        apply(
+            r#"[{"v":2,"origin":"peer","hlc":1,"schema":"public","table":"accounts","op":"insert","key":{"id":1},"row":{"id":1,"extra":2},"vv":{"peer":1},"strategy":"lww","class":"data"}]"#,
+        );
+    }
+
+    #[pg_test]
+    fn keys_and_values_do_not_depend_on_session_settings() {
+        Spi::run("CREATE TABLE public.ts (k timestamptz PRIMARY KEY, f float8)").unwrap();
+        Spi::run("SELECT foreshadow.make_global('public.ts')").unwrap();
+        Spi::run("SET TimeZone = 'Asia/Tokyo'").unwrap();
+        Spi::run("SET extra_float_digits = -3").unwrap();
+        Spi::run("INSERT INTO ts VALUES ('2026-11-30 12:00:00+00', pi())").unwrap();
+        Spi::run("SET TimeZone = 'UTC'").unwrap();
+        Spi::run("DELETE FROM ts").unwrap();
+        assert_eq!(
+            Spi::get_one::<i64>(
+                "SELECT count(*) FROM foreshadow.row_versions WHERE relid = 'ts'::regclass"
+            ),
+            Ok(Some(1))
+        );
+        // The session's own settings are back after capture.
+        assert_eq!(
+            Spi::get_one::<String>("SHOW extra_float_digits"),
+            Ok(Some("-3".into()))
+        );
+    }
+
+    #[pg_test]
+    fn null_counter_is_stored_as_zero() {
+        setup_counters();
+        Spi::run("ALTER TABLE c ALTER COLUMN n DROP NOT NULL").unwrap();
+        Spi::run("INSERT INTO c VALUES (1, NULL, 'x')").unwrap();
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT n FROM c WHERE id = 1"),
+            Ok(Some(0))
+        );
     }
 
     #[pg_test]
@@ -231,7 +322,7 @@ mod tests {
         Spi::run(r#"CREATE ROLE "Side Car" LOGIN REPLICATION"#).unwrap();
         Spi::run(r#"SELECT foreshadow.grant_sidecar('"Side Car"')"#).unwrap();
         let can = Spi::get_one::<bool>(
-            r#"SELECT has_function_privilege('Side Car', 'foreshadow.apply_intents(jsonb)', 'EXECUTE')"#,
+            r#"SELECT has_function_privilege('Side Car', 'foreshadow.apply_transaction(text, text, text, text, timestamptz, integer)', 'EXECUTE')"#,
         );
         assert_eq!(can, Ok(Some(true)));
     }

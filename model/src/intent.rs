@@ -13,8 +13,11 @@ use serde_json::{Map, Value};
 
 /// The logical-decoding message prefix that marks Foreshadow intents.
 pub const MESSAGE_PREFIX: &str = "foreshadow";
-/// Wire format version; bumped on incompatible changes.
-pub const WIRE_VERSION: u32 = 1;
+/// Wire format version; bumped on incompatible changes. 2: row and key
+/// values are text, as the column type's output function prints it under
+/// fixed settings (1 had `row_to_json`'s JSON values, which lose -0, json
+/// spacing and duplicate keys, and depend on the writer's session).
+pub const WIRE_VERSION: u32 = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -42,9 +45,9 @@ pub struct Intent {
     pub schema: String,
     pub table: String,
     pub op: Op,
-    /// Primary-key columns → values.
+    /// Primary-key columns → values (text, as in `row`).
     pub key: Map<String, Value>,
-    /// The new row image; `None` for deletes.
+    /// The new row image, column → text or null; `None` for deletes.
     pub row: Option<Map<String, Value>>,
     /// The row's version vector after this write.
     pub vv: VersionVector,
@@ -137,7 +140,7 @@ mod tests {
 
     fn sample() -> Value {
         json!({
-            "v": 1, "origin": "us-east", "hlc": 42, "schema": "public", "table": "accounts",
+            "v": 2, "origin": "us-east", "hlc": 42, "schema": "public", "table": "accounts",
             "op": "update", "key": {"id": 7}, "row": {"id": 7, "balance": 10},
             "vv": {"us-east": 3}, "strategy": "lww", "class": "data"
         })

@@ -11,7 +11,7 @@
 use crate::error::Error;
 use crate::pgoutput::{Lsn, Transaction};
 use chrono::{DateTime, Duration as ChronoDuration, TimeZone, Utc};
-use foreshadow_model::Intent;
+use std::time::Duration;
 use tokio_postgres::{Client, Statement};
 
 pub struct ApplySession {
@@ -20,10 +20,16 @@ pub struct ApplySession {
     origin: String,
     /// `foreshadow.apply_transaction`, prepared once for the session.
     apply_stmt: Statement,
+    /// A local transaction is open for a peer transaction that arrives in
+    /// chunks (see `apply_chunk`).
+    in_large: bool,
 }
 
 /// Local transactions sent to the primary before waiting for answers.
 const PIPELINE: usize = 64;
+/// How often a peer transaction that met a concurrent writer is retried in
+/// place before the lane reconnects and tries again with back-off.
+const RETRIES: u32 = 20;
 /// Most intents in one local transaction when catching up.
 const GROUP_INTENTS: usize = 500;
 /// How long a grouped apply waits for a local writer's lock before it gives
@@ -36,7 +42,6 @@ pub struct Applied {
     pub transactions: usize,
     pub intents: usize,
     pub changed_rows: i32,
-    pub rejected: usize,
 }
 
 fn pg_epoch_us_to_utc(us: i64) -> DateTime<Utc> {
@@ -82,7 +87,7 @@ impl ApplySession {
             .await
             .map_err(map)?;
         let apply_stmt = client
-            .prepare("SELECT foreshadow.apply_transaction($1, $2, $3, $4, $5)")
+            .prepare("SELECT foreshadow.apply_transaction($1, $2, $3, $4, $5, $6)")
             .await
             .map_err(map)?;
         Ok(ApplySession {
@@ -90,6 +95,7 @@ impl ApplySession {
             peer: peer.to_owned(),
             origin,
             apply_stmt,
+            in_large: false,
         })
     }
 
@@ -123,32 +129,27 @@ impl ApplySession {
     /// When more than a pipeline's worth is waiting (catching up), runs of
     /// peer transactions are applied together, up to `GROUP_INTENTS` intents
     /// per local transaction, with a short lock timeout: if one meets a
-    /// local writer's lock, it gives way and this call goes on one peer
-    /// transaction at a time.
+    /// local writer's lock or fails, this call goes on one peer transaction
+    /// at a time.
     ///
-    /// Malformed intents, and transactions that fail for their data, are
-    /// applied intent by intent with the failing intents kept in
-    /// `foreshadow.dead_letters`.
+    /// A peer transaction that cannot apply (a column missing here, a
+    /// constraint, a lock, the server) is an error: nothing of it is kept,
+    /// the reason is recorded in `foreshadow.peer_stats.last_error`, and the
+    /// caller retries from the durable progress. Only intents that can
+    /// never apply here are kept as dead letters, by the extension.
     pub async fn apply(&mut self, txns: &[Transaction], progress: Lsn) -> Result<Applied, Error> {
-        let todo: Vec<(&Transaction, Prepared)> = txns
+        let todo: Vec<(&Transaction, String)> = txns
             .iter()
             .filter(|t| t.end_lsn > progress)
-            .map(|t| prepare(t).map(|p| (t, p)))
-            .collect::<Result<_, _>>()?;
+            .map(|t| (t, batch(&t.intents)))
+            .collect();
         let mut applied = Applied::default();
         let mut prev = progress;
         let mut next = 0;
         let mut group = todo.len() > PIPELINE;
+        let mut retries = 0u32;
         while next < todo.len() {
             let units = units(&todo[next..], next, group);
-            if units.is_empty() {
-                let (t, p) = &todo[next];
-                let changed = self.apply_safely(t, p).await?;
-                applied.add(&todo[next..=next], changed, p.rejected.len());
-                prev = t.end_lsn;
-                next += 1;
-                continue;
-            }
             let mut prevs = Vec::with_capacity(units.len());
             for u in &units {
                 prevs.push(prev.to_string());
@@ -162,19 +163,19 @@ impl ApplySession {
                 } else {
                     0
                 };
-                let (stmt, client, batch) = (&self.apply_stmt, &self.client, &u.batch);
+                let (stmt, client, batch, peer) =
+                    (&self.apply_stmt, &self.client, &u.batch, &self.peer);
                 async move {
                     client
-                        .query_one(stmt, &[batch, prev, &lsn, &at, &lock_timeout_ms])
+                        .query_one(stmt, &[peer, batch, prev, &lsn, &at, &lock_timeout_ms])
                         .await
                 }
             });
             let answers = futures_util::future::join_all(sent).await;
             for (u, answer) in units.iter().zip(answers) {
-                let grouped = u.last > u.first;
                 match answer {
                     Ok(row) if row.get::<_, i32>(0) >= 0 => {
-                        applied.add(&todo[u.first..=u.last], row.get(0), 0);
+                        applied.add(&todo[u.first..=u.last], row.get(0));
                         next = u.last + 1;
                     }
                     Ok(_) => {
@@ -183,10 +184,10 @@ impl ApplySession {
                             "a pipelined transaction found the progress out of step",
                         ))
                     }
-                    // Grouped transactions that met a lock or a bad intent:
-                    // again one by one, from this one on (the ones sent after
-                    // it did nothing).
-                    Err(e) if grouped && (worth_one_by_one(&e) || lock_conflict(&e)) => {
+                    // A group that met a lock or failed: again one peer
+                    // transaction at a time, from this one on (the ones
+                    // sent after it did nothing).
+                    Err(e) if u.last > u.first => {
                         tracing::info!(
                             peer = %self.peer, error = %Error::from_pg("applying grouped peer transactions", e),
                             "applying one peer transaction at a time"
@@ -194,23 +195,24 @@ impl ApplySession {
                         group = false;
                         break;
                     }
-                    Err(e) if worth_one_by_one(&e) => {
-                        let (t, p) = &todo[u.first];
-                        tracing::warn!(
-                            peer = %self.peer, lsn = %t.end_lsn,
-                            error = %Error::from_pg("applying a peer transaction", e),
-                            "applying a peer transaction failed; applying it intent by intent"
-                        );
-                        let changed = self.apply_safely(t, p).await?;
-                        applied.add(&todo[u.first..=u.first], changed, 0);
-                        next = u.first + 1;
+                    // Another writer got there first (the same new key, a
+                    // lock): the transaction rolled back whole; again, here.
+                    Err(e) if retryable(&e) && retries < RETRIES => {
+                        retries += 1;
+                        tracing::debug!(peer = %self.peer, error = %e, retries, "retrying a peer transaction");
+                        tokio::time::sleep(Duration::from_millis(10 * u64::from(retries))).await;
                         break;
                     }
                     Err(e) => {
-                        return Err(Error::from_pg(
-                            format!("applying intents from peer {}", self.peer),
+                        let e = Error::from_pg(
+                            format!(
+                                "applying the peer transaction ending at {} from peer {}",
+                                todo[u.first].0.end_lsn, self.peer
+                            ),
                             e,
-                        ))
+                        );
+                        self.note_error(&e).await;
+                        return Err(e);
                     }
                 }
             }
@@ -223,43 +225,105 @@ impl ApplySession {
         Ok(applied)
     }
 
-    /// The transaction intent by intent, in a local transaction that keeps
-    /// malformed and failing intents as dead letters.
-    async fn apply_safely(&mut self, t: &Transaction, p: &Prepared) -> Result<i32, Error> {
-        let ctx = format!("applying intents from peer {}", self.peer);
-        let map = |e| Error::from_pg(ctx.clone(), e);
-        let tx = self.client.transaction().await.map_err(map)?;
-        for (raw, reason) in &p.rejected {
-            tracing::warn!(peer = %self.peer, %reason, "malformed intent kept in foreshadow.dead_letters");
-            tx.execute(
-                "SELECT foreshadow.reject_intent($1, $2, $3)",
-                &[&self.peer, &format!("malformed intent: {reason}"), raw],
-            )
-            .await
-            .map_err(map)?;
+    /// Whether a peer transaction is being applied in chunks.
+    pub fn in_large(&self) -> bool {
+        self.in_large
+    }
+
+    /// Applies the first part of a peer transaction too large to hold in
+    /// memory, in a local transaction that stays open: `finish_large`
+    /// applies the rest and commits it with the peer's progress, so the
+    /// peer transaction is applied exactly once, as one local transaction.
+    /// On any error the connection is dropped, which rolls it back.
+    pub async fn apply_chunk(&mut self, intents: &[Vec<u8>], progress: Lsn) -> Result<(), Error> {
+        let ctx = format!(
+            "applying part of a large transaction from peer {}",
+            self.peer
+        );
+        if !self.in_large {
+            self.client
+                .batch_execute("BEGIN")
+                .await
+                .map_err(|e| Error::from_pg(ctx.clone(), e))?;
+            self.in_large = true;
         }
-        let row = tx
+        let (no_lsn, no_time): (Option<String>, Option<DateTime<Utc>>) = (None, None);
+        self.run_large(&ctx, intents, progress, &no_lsn, &no_time)
+            .await
+    }
+
+    /// The rest of a peer transaction begun with `apply_chunk`, its
+    /// progress, and the commit.
+    pub async fn finish_large(&mut self, t: &Transaction, progress: Lsn) -> Result<(), Error> {
+        let ctx = format!("applying a large transaction from peer {}", self.peer);
+        let (lsn, at) = (
+            Some(t.end_lsn.to_string()),
+            Some(pg_epoch_us_to_utc(t.timestamp_us)),
+        );
+        self.run_large(&ctx, &t.intents, progress, &lsn, &at)
+            .await?;
+        self.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| Error::from_pg(ctx, e))?;
+        self.in_large = false;
+        Ok(())
+    }
+
+    async fn run_large(
+        &mut self,
+        ctx: &str,
+        intents: &[Vec<u8>],
+        progress: Lsn,
+        lsn: &Option<String>,
+        at: &Option<DateTime<Utc>>,
+    ) -> Result<(), Error> {
+        let answer = self
+            .client
             .query_one(
-                "SELECT foreshadow.apply_transaction_safely($1::text::jsonb, $2::text::pg_lsn, $3)",
+                &self.apply_stmt,
                 &[
-                    &p.batch,
-                    &t.end_lsn.to_string(),
-                    &pg_epoch_us_to_utc(t.timestamp_us),
+                    &self.peer,
+                    &batch(intents),
+                    &progress.to_string(),
+                    lsn,
+                    at,
+                    &0i32,
                 ],
             )
-            .await
-            .map_err(map)?;
-        tx.commit().await.map_err(map)?;
-        Ok(row.get(0))
+            .await;
+        match answer {
+            Ok(row) if row.get::<_, i32>(0) >= 0 => Ok(()),
+            Ok(_) => Err(Error::transient(ctx, "the progress was out of step")),
+            Err(e) => {
+                let e = Error::from_pg(ctx, e);
+                self.note_error(&e).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes a stopped lane visible in `foreshadow.peer_stats` (best effort:
+    /// the connection may be what failed; the log has it either way).
+    async fn note_error(&self, e: &Error) {
+        let noted = self
+            .client
+            .execute(
+                "SELECT foreshadow.note_lane_error($1, $2)",
+                &[&self.peer, &e.to_string()],
+            )
+            .await;
+        if let Err(n) = noted {
+            tracing::debug!(peer = %self.peer, error = %n, "could not record the lane error");
+        }
     }
 }
 
 impl Applied {
-    fn add(&mut self, done: &[(&Transaction, Prepared)], changed: i32, rejected: usize) {
+    fn add(&mut self, done: &[(&Transaction, String)], changed: i32) {
         self.transactions += done.len();
         self.intents += done.iter().map(|(t, _)| t.intents.len()).sum::<usize>();
         self.changed_rows += changed;
-        self.rejected += rejected;
     }
 }
 
@@ -272,29 +336,26 @@ struct Unit {
 }
 
 /// The next units to send: up to `PIPELINE`, from the start of `rest` (which
-/// begins at index `offset`) up to the first transaction with malformed
-/// intents; each one peer transaction, or up to `GROUP_INTENTS` intents'
-/// worth of them if `group`.
-fn units(rest: &[(&Transaction, Prepared)], offset: usize, group: bool) -> Vec<Unit> {
+/// begins at index `offset`); each one peer transaction, or up to
+/// `GROUP_INTENTS` intents' worth of them if `group`.
+fn units(rest: &[(&Transaction, String)], offset: usize, group: bool) -> Vec<Unit> {
     let mut out = Vec::new();
     let mut i = 0;
-    while i < rest.len() && out.len() < PIPELINE && rest[i].1.rejected.is_empty() {
+    while i < rest.len() && out.len() < PIPELINE {
         let first = i;
         let mut intents = 0;
         let mut parts: Vec<&str> = Vec::new();
         loop {
-            let (t, p) = &rest[i];
+            let (t, batch) = &rest[i];
             intents += t.intents.len();
             // Each batch is a JSON array: keep what is between the brackets.
-            let inner = &p.batch[1..p.batch.len() - 1];
+            let inner = &batch[1..batch.len() - 1];
             if !inner.is_empty() {
                 parts.push(inner);
             }
             i += 1;
-            let more = group
-                && i < rest.len()
-                && rest[i].1.rejected.is_empty()
-                && intents + rest[i].0.intents.len() <= GROUP_INTENTS;
+            let more =
+                group && i < rest.len() && intents + rest[i].0.intents.len() <= GROUP_INTENTS;
             if !more {
                 break;
             }
@@ -308,50 +369,37 @@ fn units(rest: &[(&Transaction, Prepared)], offset: usize, group: bool) -> Vec<U
     out
 }
 
-/// A lock that could not be had in time, or a deadlock.
-fn lock_conflict(e: &tokio_postgres::Error) -> bool {
+/// A failure caused by a concurrent writer, which the same transaction
+/// does not meet again a moment later: a key inserted meanwhile, a lock
+/// that could not be had in time, a deadlock, a serialization failure.
+fn retryable(e: &tokio_postgres::Error) -> bool {
     matches!(
         e.code().map(|c| c.code()),
-        Some("55P03") | Some("40P01") | Some("40001")
+        Some("23505") | Some("55P03") | Some("40P01") | Some("40001")
     )
 }
 
-/// A peer transaction made ready to apply: its well-formed intents as one
-/// JSON array, and the malformed ones with the reason.
-struct Prepared {
-    batch: String,
-    rejected: Vec<(String, String)>,
-}
-
-fn prepare(t: &Transaction) -> Result<Prepared, Error> {
-    let mut batch = Vec::from(&b"["[..]);
-    let mut rejected = Vec::new();
-    for raw in &t.intents {
-        match Intent::decode(raw) {
-            Ok(_) => {
-                if batch.len() > 1 {
-                    batch.push(b',');
-                }
-                batch.extend_from_slice(raw);
-            }
-            Err(e) => rejected.push((String::from_utf8_lossy(raw).into_owned(), e.to_string())),
+/// A peer transaction's intents as one JSON array. What is not JSON at all
+/// goes in as a JSON string, so that the extension keeps it as a dead
+/// letter instead of the whole batch failing to parse.
+fn batch(intents: &[Vec<u8>]) -> String {
+    let mut batch = String::from("[");
+    for raw in intents {
+        if batch.len() > 1 {
+            batch.push(',');
+        }
+        let json = std::str::from_utf8(raw)
+            .ok()
+            .filter(|text| serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok());
+        match json {
+            Some(text) => batch.push_str(text),
+            None => batch.push_str(
+                &serde_json::to_string(&String::from_utf8_lossy(raw)).expect("a string serialises"),
+            ),
         }
     }
-    batch.push(b']');
-    let batch = String::from_utf8(batch).map_err(|e| Error::protocol("intent batch", e))?;
-    Ok(Prepared { batch, rejected })
-}
-
-/// Whether a failed transaction should be applied again intent by intent
-/// (the data or the table is at fault), rather than retried as a whole
-/// after a pause (locks, cancellation, the server going away).
-fn worth_one_by_one(e: &tokio_postgres::Error) -> bool {
-    match e.code().map(|c| c.code()) {
-        None => false,
-        Some(code) => !["40", "53", "55", "57", "08", "58", "XX"]
-            .iter()
-            .any(|class| code.starts_with(class)),
-    }
+    batch.push(']');
+    batch
 }
 
 #[cfg(test)]
@@ -361,7 +409,7 @@ mod tests {
     fn txn(end: u64, intents: usize) -> Transaction {
         let intent = |n: usize| {
             format!(
-                r#"{{"v":1,"origin":"a","hlc":{n},"schema":"public","table":"t","op":"delete","key":{{"id":{n}}},"row":null,"vv":{{"a":1}},"strategy":"lww"}}"#
+                r#"{{"v":2,"origin":"a","hlc":{n},"schema":"public","table":"t","op":"delete","key":{{"id":{n}}},"row":null,"vv":{{"a":1}},"strategy":"lww"}}"#
             )
             .into_bytes()
         };
@@ -375,8 +423,8 @@ mod tests {
     #[test]
     fn groups_only_when_asked_and_within_bounds() {
         let txns: Vec<Transaction> = (1..=300).map(|i| txn(i, 3)).collect();
-        let todo: Vec<(&Transaction, Prepared)> =
-            txns.iter().map(|t| (t, prepare(t).unwrap())).collect();
+        let todo: Vec<(&Transaction, String)> =
+            txns.iter().map(|t| (t, batch(&t.intents))).collect();
         let one_by_one = units(&todo, 0, false);
         assert_eq!(one_by_one.len(), PIPELINE);
         assert!(one_by_one.iter().all(|u| u.first == u.last));
@@ -391,14 +439,12 @@ mod tests {
     }
 
     #[test]
-    fn a_malformed_intent_ends_the_units() {
-        let mut txns: Vec<Transaction> = (1..=5).map(|i| txn(i, 1)).collect();
-        txns[2].intents[0] = b"not json".to_vec();
-        let todo: Vec<(&Transaction, Prepared)> =
-            txns.iter().map(|t| (t, prepare(t).unwrap())).collect();
-        let u = units(&todo, 0, true);
-        assert_eq!((u.len(), u[0].first, u[0].last), (1, 0, 1));
-        assert!(units(&todo[2..], 2, true).is_empty());
+    fn what_is_not_json_travels_as_a_string() {
+        let mut t = txn(1, 2);
+        t.intents[1] = b"not json \"at\" all".to_vec();
+        let batch: serde_json::Value = serde_json::from_str(&batch(&t.intents)).unwrap();
+        assert!(batch[0].is_object());
+        assert_eq!(batch[1], serde_json::json!("not json \"at\" all"));
     }
 
     #[test]

@@ -13,6 +13,11 @@ use crate::stream::{Event, ReplicationStream};
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// A peer transaction is applied in parts once this much of it has
+/// arrived, so that the sidecar holds at most about this much of it.
+const CHUNK_BYTES: usize = 16 << 20;
+const CHUNK_INTENTS: usize = 20_000;
+
 /// How the link to a peer is doing, as last logged.
 #[derive(Clone, Debug, PartialEq)]
 enum LinkState {
@@ -118,12 +123,33 @@ async fn session(
                 last_heard = std::time::Instant::now();
                 match event? {
                     Event::Data(data) => {
-                        if let Some(t) = grouper.feed(&data).map_err(|e| Error::protocol(&what, e))? {
-                            received = t.end_lsn;
-                            pending_intents += t.intents.len();
-                            pending.push(t);
+                        let done = grouper.feed(&data).map_err(|e| Error::protocol(&what, e))?;
+                        if let Some(chunk) = grouper.take_chunk(CHUNK_BYTES, CHUNK_INTENTS) {
+                            // A large transaction: what came before it is
+                            // applied first, then it, part by part.
+                            if !pending.is_empty() {
+                                apply.apply(&pending, progress).await?;
+                                progress = pending.last().map(|t| t.end_lsn).unwrap_or(progress);
+                                pending.clear();
+                                pending_intents = 0;
+                            }
+                            apply.apply_chunk(&chunk, progress).await?;
                         }
-                        pending_intents >= batch_changes as usize
+                        match done {
+                            Some(t) if apply.in_large() => {
+                                apply.finish_large(&t, progress).await?;
+                                received = t.end_lsn;
+                                progress = t.end_lsn;
+                                false
+                            }
+                            Some(t) => {
+                                received = t.end_lsn;
+                                pending_intents += t.intents.len();
+                                pending.push(t);
+                                pending_intents >= batch_changes as usize
+                            }
+                            None => false,
+                        }
                     }
                     Event::ReplyRequested => {
                         confirm(&mut stream, &apply, received).await?;

@@ -132,9 +132,15 @@ pub struct Transaction {
 }
 
 /// Assembles streamed pgoutput messages into committed transactions.
+/// Collects a peer's intents into transactions. A transaction larger than
+/// a chunk is handed out in chunks as it arrives ([`Grouper::take_chunk`]),
+/// so that the sidecar's memory stays bounded whatever its size; its
+/// `Transaction` at commit then holds only the intents after the last chunk.
 #[derive(Default)]
 pub struct Grouper {
     cur: Option<Transaction>,
+    /// Bytes of intents in `cur`.
+    bytes: usize,
 }
 
 impl Grouper {
@@ -152,12 +158,14 @@ impl Grouper {
                     .ok_or(DecodeError("message outside a transaction"))?
                     .intents
                     .push(content.to_vec());
+                self.bytes += content.len();
             }
             Message::Commit {
                 end_lsn,
                 timestamp_us,
             } => {
                 let mut txn = self.cur.take().ok_or(DecodeError("commit without begin"))?;
+                self.bytes = 0;
                 txn.end_lsn = end_lsn;
                 txn.timestamp_us = timestamp_us;
                 return Ok(Some(txn));
@@ -165,6 +173,18 @@ impl Grouper {
             Message::Message { .. } | Message::Other(_) => {}
         }
         Ok(None)
+    }
+
+    /// The intents of the open transaction so far, if they are at least
+    /// `max_bytes` or `max_intents`: taken out, to be applied before the rest
+    /// of the transaction arrives.
+    pub fn take_chunk(&mut self, max_bytes: usize, max_intents: usize) -> Option<Vec<Vec<u8>>> {
+        let cur = self.cur.as_mut()?;
+        if self.bytes < max_bytes && cur.intents.len() < max_intents {
+            return None;
+        }
+        self.bytes = 0;
+        Some(std::mem::take(&mut cur.intents))
     }
 }
 
@@ -221,6 +241,27 @@ mod tests {
         assert_eq!(txns[0].intents, vec![b"{1}".to_vec(), b"{2}".to_vec()]);
         assert_eq!(txns[0].end_lsn.to_string(), "1/10");
         assert!(txns[1].intents.is_empty());
+    }
+
+    #[test]
+    fn hands_out_a_large_transaction_in_chunks() {
+        let mut g = Grouper::default();
+        assert!(g.feed(&begin()).unwrap().is_none());
+        let mut chunks = Vec::new();
+        for i in 0..10u8 {
+            g.feed(&message("foreshadow", &[b'{', i, b'}'])).unwrap();
+            chunks.extend(g.take_chunk(usize::MAX, 4));
+        }
+        assert_eq!(chunks.iter().map(Vec::len).collect::<Vec<_>>(), vec![4, 4]);
+        let last = g.feed(&commit(0x30)).unwrap().unwrap();
+        assert_eq!(last.intents.len(), 2);
+        assert!(
+            g.take_chunk(0, 0).is_none(),
+            "nothing open after the commit"
+        );
+        g.feed(&begin()).unwrap();
+        g.feed(&message("foreshadow", &[0; 100])).unwrap();
+        assert_eq!(g.take_chunk(100, usize::MAX).map(|c| c.len()), Some(1));
     }
 
     #[test]

@@ -4,6 +4,8 @@ use crate::proc::{as_pg_owner, is_root, run, PG_BIN};
 use crate::spec::Engine;
 use std::path::{Path, PathBuf};
 
+const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
 pub struct Cluster {
     pub dir: PathBuf,
     pub port: u16,
@@ -79,7 +81,26 @@ impl Cluster {
     }
 
     pub fn start(&self) -> Result<(), String> {
+        self.start_skewed(0)
+    }
+
+    /// Starts PostgreSQL with its wall clock `offset_ms` ahead of the
+    /// machine's (behind if negative), through libfaketime (Debian's
+    /// `faketime`), monotonic clocks untouched: clock skew between regions.
+    pub fn start_skewed(&self, offset_ms: i64) -> Result<(), String> {
         let mut c = as_pg_owner(&format!("{PG_BIN}/pg_ctl"));
+        if offset_ms != 0 {
+            if !Path::new(FAKETIME_LIB).exists() {
+                return Err(format!(
+                    "{FAKETIME_LIB} is missing: install Debian's faketime package to skew clocks"
+                ));
+            }
+            let sign = if offset_ms < 0 { "-" } else { "+" };
+            let ms = offset_ms.unsigned_abs();
+            c.env("LD_PRELOAD", FAKETIME_LIB)
+                .env("FAKETIME", format!("{sign}{}.{:03}", ms / 1000, ms % 1000))
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
         c.args([
             "-D",
             &self.data().display().to_string(),

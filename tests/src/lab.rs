@@ -480,6 +480,18 @@ impl Lab {
         }
     }
 
+    /// Restarts `region`'s PostgreSQL with its wall clock `offset_ms` off
+    /// the machine's (0: back to the real clock); its sidecar reconnects.
+    pub fn skew_clock(&self, region: &str, offset_ms: i64) -> Result<(), String> {
+        let cluster = self.cluster(region);
+        // Immediate: a fast stop waits for the walsenders of the peers'
+        // sidecars, which hold logical slots open.
+        if cluster.running() {
+            cluster.stop("immediate")?;
+        }
+        cluster.start_skewed(offset_ms)
+    }
+
     /// Stops everything the lab started; removes its directory unless `keep`.
     pub fn down(&self, keep: bool) -> Result<(), String> {
         for r in &self.spec.regions {

@@ -231,7 +231,7 @@ pub(crate) mod tests {
     #[test]
     fn intents_are_versions() {
         let i = Intent::decode(
-            br#"{"v":1,"origin":"eu","hlc":7,"schema":"s","table":"t","op":"delete","key":{"id":1},"row":null,"vv":{"eu":1},"strategy":"lww"}"#,
+            br#"{"v":2,"origin":"eu","hlc":7,"schema":"s","table":"t","op":"delete","key":{"id":1},"row":null,"vv":{"eu":1},"strategy":"lww"}"#,
         )
         .unwrap();
         assert_eq!(

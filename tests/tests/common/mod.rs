@@ -82,3 +82,199 @@ pub async fn assert_converged(lab: &Lab) -> String {
     );
     digest
 }
+
+/// The one value (as text, NULL as None) that `sql` returns in `region`.
+pub async fn text_in(lab: &Lab, region: &str, sql: &str) -> Result<Option<String>, String> {
+    let c = lab.client(region).await?;
+    let row = c
+        .query_one(sql, &[])
+        .await
+        .map_err(|e| format!("region {region}: {sql}: {}", pg_error(&e)))?;
+    Ok(row.get(0))
+}
+
+/// A PostgreSQL error as `SQLSTATE: message`, or the client error.
+pub fn pg_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    }
+}
+
+/// Polls `sql` (one text value) in `region` until it returns `expected`
+/// (None: NULL); the error names the last answer.
+pub async fn wait_for(
+    lab: &Lab,
+    region: &str,
+    sql: &str,
+    expected: Option<&str>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let got = text_in(lab, region, sql).await;
+        if matches!(&got, Ok(v) if v.as_deref() == expected) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "region {region}: `{sql}` gave {got:?}, not {expected:?}, after {timeout:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `wait_for` in every region.
+pub async fn wait_for_everywhere(
+    lab: &Lab,
+    sql: &str,
+    expected: Option<&str>,
+    timeout: Duration,
+) -> Result<(), String> {
+    for r in names(lab) {
+        wait_for(lab, &r, sql, expected, timeout).await?;
+    }
+    Ok(())
+}
+
+/// Runs `setup` (session settings) then `sql` (one text value) in every
+/// region until all regions give the same answer; returns it.
+pub async fn wait_same_with(
+    lab: &Lab,
+    setup: &str,
+    sql: &str,
+    timeout: Duration,
+) -> Result<String, String> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let mut seen = Vec::new();
+        for r in names(lab) {
+            let answer = async {
+                let c = lab.client(&r).await?;
+                c.batch_execute(setup).await.map_err(|e| pg_error(&e))?;
+                let row = c.query_one(sql, &[]).await.map_err(|e| pg_error(&e))?;
+                Ok::<Option<String>, String>(row.get(0))
+            }
+            .await;
+            seen.push((r, answer));
+        }
+        if let Ok(first) = &seen[0].1 {
+            if seen.iter().all(|(_, a)| a.as_ref() == Ok(first)) {
+                return Ok(first.clone().unwrap_or_default());
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "`{sql}` not the same in every region after {timeout:?}: {seen:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// For failure messages: the rows (`sql` returns key text, row text, after
+/// `setup`) that differ between regions, at most ten keys.
+pub async fn diff_rows(lab: &Lab, setup: &str, sql: &str) -> String {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut per_region = Vec::new();
+    for r in names(lab) {
+        let mut rows = BTreeMap::new();
+        if let Ok(c) = lab.client(&r).await {
+            let _ = c.batch_execute(setup).await;
+            match c.query(sql, &[]).await {
+                Ok(found) => {
+                    for row in found {
+                        rows.insert(row.get::<_, String>(0), row.get::<_, Option<String>>(1));
+                    }
+                }
+                Err(e) => return format!("region {r}: {}", pg_error(&e)),
+            }
+        }
+        per_region.push((r, rows));
+    }
+    let keys: BTreeSet<&String> = per_region.iter().flat_map(|(_, m)| m.keys()).collect();
+    let differing: Vec<String> = keys
+        .into_iter()
+        .filter(|k| {
+            let first = per_region[0].1.get(*k);
+            per_region.iter().any(|(_, m)| m.get(*k) != first)
+        })
+        .map(|k| {
+            let each: Vec<String> = per_region
+                .iter()
+                .map(|(r, m)| {
+                    format!(
+                        "{r}: {:?}",
+                        m.get(k).map(|v| v.as_deref().unwrap_or("NULL"))
+                    )
+                })
+                .collect();
+            format!("key {k}: {}", each.join(", "))
+        })
+        .collect();
+    format!(
+        "{} differing keys{}{}",
+        differing.len(),
+        if differing.is_empty() {
+            ""
+        } else {
+            ", e.g.\n  "
+        },
+        differing
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n  ")
+    )
+}
+
+/// For failure messages: every region's dead letters (count and reasons).
+pub async fn dead_letters(lab: &Lab) -> String {
+    let mut out = Vec::new();
+    for r in names(lab) {
+        let got = text_in(
+            lab,
+            &r,
+            "SELECT count(*) || ' ' || coalesce(string_agg(reason, ' | ' ORDER BY id), '') FROM foreshadow.dead_letters",
+        )
+        .await;
+        out.push(format!(
+            "{r}: {}",
+            got.map(|v| v.unwrap_or_default()).unwrap_or_else(|e| e)
+        ));
+    }
+    out.join("; ")
+}
+
+/// A session in `region` as the login role `role` (the lab trusts local TCP).
+pub async fn client_as(lab: &Lab, region: &str, role: &str) -> tokio_postgres::Client {
+    let dsn = lab
+        .dsn(region, foreshadow_lab::lab::DATABASE)
+        .unwrap()
+        .replace("user=postgres", &format!("user={role}"));
+    foreshadow_lab::lab::connect(&dsn).await.unwrap()
+}
+
+/// An ordinary login role (no superuser, no other attributes) in every region.
+pub async fn create_login_role(lab: &Lab, role: &str) {
+    lab.everywhere(&format!(
+        "CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION"
+    ))
+    .await
+    .unwrap();
+}
+
+/// `region`'s sidecar configuration without the peer `peer`.
+pub fn sidecar_config_without(lab: &Lab, region: &str, peer: &str) -> String {
+    let text = lab.sidecar_config(region).unwrap();
+    let start = text
+        .find(&format!("\n[[peers]]\nname = \"{peer}\"\n"))
+        .unwrap_or_else(|| panic!("no peer {peer} in {text}"));
+    let end = text[start + 1..]
+        .find("\n[")
+        .map(|i| start + 1 + i)
+        .unwrap_or(text.len());
+    format!("{}{}", &text[..start], &text[end..])
+}

@@ -1,0 +1,161 @@
+//! What applying a peer's write needs to know about a global table, read
+//! from the catalog (`foreshadow.tables`, `pg_class`, `pg_attribute`,
+//! `pg_index`) and cached per backend until a relcache invalidation: the
+//! columns the table has *now*, so an `ALTER TABLE` is picked up by the next
+//! write, never applied through a stale copy.
+
+use crate::spi::kept_plan;
+use pgrx::pg_sys;
+use pgrx::spi::SpiClient;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// Global tables by (schema, table): the generation read in, and the table.
+type TableCache = HashMap<(String, String), (u64, Option<Rc<Table>>)>;
+
+thread_local! {
+    /// `None`: not a global table here.
+    static TABLES: RefCell<TableCache> = RefCell::new(HashMap::new());
+    /// Bumped by every relcache invalidation. Every change to a global
+    /// table's setup (make_global, set_column_strategy, drop_global, DROP
+    /// TABLE, ALTER TABLE) invalidates its relcache entry: cached tables
+    /// are then read again.
+    static GENERATION: Cell<u64> = const { Cell::new(0) };
+}
+
+const TABLE_SQL: &str = "SELECT t.relid, c.relowner, \
+       pg_catalog.format('%I.%I', n.nspname, c.relname), t.counter_cols, \
+       pg_catalog.array_agg(a.attname::text ORDER BY a.attnum), \
+       pg_catalog.array_agg(a.attgenerated <> '' ORDER BY a.attnum), \
+       pg_catalog.array_agg(a.attnum::int4 ORDER BY a.attnum), \
+       pg_catalog.array_agg(a.atttypid ORDER BY a.attnum), \
+       pg_catalog.array_agg(a.atttypmod ORDER BY a.attnum), \
+       (SELECT i.indexrelid FROM pg_catalog.pg_index i WHERE i.indrelid = t.relid AND i.indisprimary) \
+     FROM foreshadow.tables t \
+     JOIN pg_catalog.pg_class c ON c.oid = t.relid \
+     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+     JOIN pg_catalog.pg_attribute a ON a.attrelid = t.relid AND a.attnum > 0 AND NOT a.attisdropped \
+     WHERE t.schema_name = $1::name AND t.table_name = $2::name \
+     GROUP BY t.relid, c.relowner, n.nspname, c.relname, t.counter_cols";
+
+pub struct Column {
+    pub name: String,
+    /// `GENERATED ALWAYS AS (...) STORED`: computed here, never written.
+    /// (Identity columns are written as the writer's region drew them.)
+    pub generated: bool,
+    pub attnum: i16,
+    pub typmod: i32,
+    /// The type's input function and its I/O parameter, and its output
+    /// function: values travel as text.
+    pub input: pg_sys::Oid,
+    pub ioparam: pg_sys::Oid,
+    pub output: pg_sys::Oid,
+}
+
+/// One global table of this region.
+pub struct Table {
+    pub relid: pg_sys::Oid,
+    /// Applied writes run with the owner's rights.
+    pub owner: pg_sys::Oid,
+    /// `schema.table`, quoted.
+    pub qualified: String,
+    /// The primary key's index: rows are found through it.
+    pub pk_index: pg_sys::Oid,
+    pub counters: Vec<String>,
+    pub columns: Vec<Column>,
+}
+
+/// Called by PostgreSQL for every relcache invalidation (registered in
+/// `_PG_init`): cached tables are stale from now on.
+#[pgrx::pg_guard]
+pub unsafe extern "C-unwind" fn forget_tables(_arg: pg_sys::Datum, _relid: pg_sys::Oid) {
+    GENERATION.with(|g| g.set(g.get() + 1));
+}
+
+/// Changes with every relcache invalidation (for caches of catalog facts).
+pub fn generation() -> u64 {
+    GENERATION.with(Cell::get)
+}
+
+/// The global table `schema.table`, from the cache while nothing changed.
+pub fn table(client: &mut SpiClient<'_>, schema: &str, name: &str) -> Option<Rc<Table>> {
+    // Read first: an invalidation during the lookup leaves the entry stale.
+    let generation = GENERATION.with(Cell::get);
+    let key = (schema.to_string(), name.to_string());
+    if let Some((g, t)) = TABLES.with(|c| c.borrow().get(&key).cloned()) {
+        if g == generation {
+            return t;
+        }
+    }
+    let t = lookup(client, schema, name).map(Rc::new);
+    TABLES.with(|c| c.borrow_mut().insert(key, (generation, t.clone())));
+    t
+}
+
+fn lookup(client: &mut SpiClient<'_>, schema: &str, name: &str) -> Option<Table> {
+    let plan = kept_plan(client, TABLE_SQL, &[pg_sys::TEXTOID, pg_sys::TEXTOID]);
+    let rows = client
+        .select(&*plan, None, &[schema.into(), name.into()])
+        .unwrap_or_else(|e| panic!("reading global table {schema}.{name}: {e}"));
+    let row = rows.into_iter().next()?;
+    let list =
+        |i: usize| -> Vec<String> { row.get::<Vec<String>>(i).ok().flatten().unwrap_or_default() };
+    let names = list(5);
+    let generated = row.get::<Vec<bool>>(6).ok().flatten().unwrap_or_default();
+    let attnums = row.get::<Vec<i32>>(7).ok().flatten().unwrap_or_default();
+    let typids = row
+        .get::<Vec<pg_sys::Oid>>(8)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let typmods = row.get::<Vec<i32>>(9).ok().flatten().unwrap_or_default();
+    let columns = names
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let typid = typids[i];
+            let (mut input, mut ioparam, mut output, mut varlena) = (
+                pg_sys::Oid::INVALID,
+                pg_sys::Oid::INVALID,
+                pg_sys::Oid::INVALID,
+                false,
+            );
+            unsafe {
+                pg_sys::getTypeInputInfo(typid, &mut input, &mut ioparam);
+                pg_sys::getTypeOutputInfo(typid, &mut output, &mut varlena);
+            }
+            Column {
+                name,
+                generated: generated[i],
+                attnum: attnums[i] as i16,
+                typmod: typmods[i],
+                input,
+                ioparam,
+                output,
+            }
+        })
+        .collect();
+    Some(Table {
+        relid: row.get::<pg_sys::Oid>(1).ok()??,
+        owner: row.get::<pg_sys::Oid>(2).ok()??,
+        qualified: row.get::<String>(3).ok()??,
+        pk_index: row.get::<pg_sys::Oid>(10).ok()??,
+        counters: list(4),
+        columns,
+    })
+}
+
+/// An identifier quoted as PostgreSQL quotes it.
+pub fn ident(s: &str) -> String {
+    let c = std::ffi::CString::new(s).unwrap_or_default();
+    unsafe { std::ffi::CStr::from_ptr(pg_sys::quote_identifier(c.as_ptr())) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+impl Table {
+    pub fn column(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+}

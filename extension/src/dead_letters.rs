@@ -1,0 +1,58 @@
+//! Replaying dead letters: intents kept because their table was not global
+//! here when they arrived. Once it is, `foreshadow.retry_dead_letters()`
+//! applies each through the one apply path (so the version rules decide,
+//! whatever has happened to the row since) and removes it in the same
+//! transaction: each is applied exactly once.
+
+use crate::apply::{apply_raw, Reject};
+use crate::spi::run_kept;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+const KEPT_SQL: &str = "SELECT id::text, origin, intent FROM foreshadow.dead_letters \
+     WHERE kind = $1 ORDER BY id FOR UPDATE";
+const DONE_SQL: &str = "DELETE FROM foreshadow.dead_letters WHERE id = $1::bigint";
+const COUNT_SQL: &str = "SELECT foreshadow.count_applied($1, 0, $2, $3)";
+
+/// Applies the dead letters kept for tables that were not global here and
+/// now are; returns how many were applied. Others stay (they are listed in
+/// `foreshadow.dead_letters` with their reason).
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn retry_dead_letters() -> i64 {
+    // The operator's session applies like the sidecar's, until this returns.
+    crate::canonical::applying(false);
+    Spi::connect_mut(|client| {
+        let kept = run_kept(
+            client,
+            KEPT_SQL,
+            &[pg_sys::TEXTOID],
+            &[Reject::NotGlobal.kind().into()],
+        );
+        let mut applied = 0i64;
+        for row in kept {
+            let [Some(id), Some(origin), Some(intent)] = &row[..] else {
+                continue;
+            };
+            let global = foreshadow_model::Intent::decode(intent.as_bytes())
+                .is_ok_and(|i| crate::catalog::table(client, &i.schema, &i.table).is_some());
+            if !global {
+                continue;
+            }
+            let o = apply_raw(client, origin, intent);
+            run_kept(client, DONE_SQL, &[pg_sys::TEXTOID], &[id.as_str().into()]);
+            run_kept(
+                client,
+                COUNT_SQL,
+                &[pg_sys::TEXTOID, pg_sys::INT4OID, pg_sys::INT4OID],
+                &[
+                    origin.as_str().into(),
+                    (o.changed as i32).into(),
+                    (o.conflict as i32).into(),
+                ],
+            );
+            applied += 1;
+        }
+        applied
+    })
+}

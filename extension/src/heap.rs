@@ -1,0 +1,305 @@
+//! Writing the user's row at the heap level, as PostgreSQL's own apply
+//! worker does (`worker.c`, `execReplication.c`): the row is found by its
+//! primary key with `RelationFindReplTupleByIndex`, which waits for a
+//! concurrent writer of that row and locks it, and written with
+//! `ExecSimpleRelationInsert/Update/Delete`, which maintain the indexes,
+//! check constraints, compute stored generated columns and fire the
+//! triggers enabled for replicas. No SQL statement runs per row.
+//!
+//! Everything here runs as the table's owner (`rights::as_owner`): input
+//! functions (domain checks), defaults, constraints, index expressions and
+//! the triggers enabled for replicas never run with more rights than the
+//! owner has.
+//!
+//! Values arrive as text, printed by capture under the canonical settings,
+//! and are read with the column types' input functions (looked up once per
+//! table, `catalog.rs`), under the same settings (`canonical::applying`).
+
+use crate::catalog::{Column, Table};
+use crate::rights::as_owner;
+use pgrx::pg_sys;
+use serde_json::{Map, Value};
+use std::ffi::{CStr, CString};
+
+/// A row's values by attribute number (index = attnum - 1); `None`: NULL.
+/// Columns the intent does not carry are left out of `set`.
+pub struct Values {
+    datums: Vec<pg_sys::Datum>,
+    nulls: Vec<bool>,
+    set: Vec<bool>,
+}
+
+/// The executor state for writing one intent's row to one table; dropped
+/// (fired AFTER triggers, freed, closed) when the intent is done.
+pub struct Heap<'t> {
+    table: &'t Table,
+    rel: pg_sys::Relation,
+    estate: *mut pg_sys::EState,
+    relinfo: *mut pg_sys::ResultRelInfo,
+    natts: usize,
+}
+
+/// Runs `f` with allocations in the executor state's memory, which is
+/// freed when the intent is done (a million-row transaction must not keep
+/// every row's datums until it ends).
+unsafe fn in_context<R>(cxt: pg_sys::MemoryContext, f: impl FnOnce() -> R) -> R {
+    let _back = Switch::to(cxt);
+    f()
+}
+
+/// The current memory context until dropped.
+struct Switch(pg_sys::MemoryContext);
+
+impl Switch {
+    unsafe fn to(cxt: pg_sys::MemoryContext) -> Switch {
+        let old = pg_sys::CurrentMemoryContext;
+        pg_sys::CurrentMemoryContext = cxt;
+        Switch(old)
+    }
+}
+
+impl Drop for Switch {
+    fn drop(&mut self) {
+        unsafe { pg_sys::CurrentMemoryContext = self.0 };
+    }
+}
+
+unsafe fn node<T>(tag: pg_sys::NodeTag) -> *mut T {
+    let p = pg_sys::palloc0(std::mem::size_of::<T>()) as *mut T;
+    (*(p as *mut pg_sys::Node)).type_ = tag;
+    p
+}
+
+impl<'t> Heap<'t> {
+    pub fn open(table: &'t Table) -> Heap<'t> {
+        unsafe {
+            let rel = pg_sys::table_open(table.relid, pg_sys::RowExclusiveLock as i32);
+            let estate = pg_sys::CreateExecutorState();
+            let rte = node::<pg_sys::RangeTblEntry>(pg_sys::NodeTag::T_RangeTblEntry);
+            (*rte).rtekind = pg_sys::RTEKind::RTE_RELATION;
+            (*rte).relid = table.relid;
+            (*rte).relkind = pg_sys::RELKIND_RELATION as std::ffi::c_char;
+            (*rte).rellockmode = pg_sys::AccessShareLock as i32;
+            pg_sys::ExecInitRangeTable(estate, pg_sys::lappend(std::ptr::null_mut(), rte.cast()));
+            let relinfo = node::<pg_sys::ResultRelInfo>(pg_sys::NodeTag::T_ResultRelInfo);
+            pg_sys::InitResultRelInfo(relinfo, rel, 1, std::ptr::null_mut(), 0);
+            (*estate).es_opened_result_relations =
+                pg_sys::lappend((*estate).es_opened_result_relations, relinfo.cast());
+            (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
+            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+            pg_sys::AfterTriggerBeginQuery();
+            pg_sys::ExecOpenIndices(relinfo, false);
+            let natts = (*(*rel).rd_att).natts as usize;
+            Heap {
+                table,
+                rel,
+                estate,
+                relinfo,
+                natts,
+            }
+        }
+    }
+
+    fn cxt(&self) -> pg_sys::MemoryContext {
+        unsafe { (*self.estate).es_query_cxt }
+    }
+
+    /// Reads the carried columns of `row` (column → text or null) into
+    /// datums with the columns' input functions; generated columns are left
+    /// for the executor to compute. Counter columns are not read here.
+    pub fn values(&self, row: &Map<String, Value>) -> Values {
+        as_owner(self.table.owner, || self.values_of(row))
+    }
+
+    fn values_of(&self, row: &Map<String, Value>) -> Values {
+        let mut v = Values {
+            datums: vec![pg_sys::Datum::from(0); self.natts],
+            nulls: vec![true; self.natts],
+            set: vec![false; self.natts],
+        };
+        for (name, value) in row {
+            let Some(c) = self.table.column(name) else {
+                continue; // refused before (check_fits)
+            };
+            if c.generated {
+                continue;
+            }
+            self.set_as_owner(&mut v, c, value);
+        }
+        v
+    }
+
+    /// Sets one column from its text (or JSON null).
+    pub fn set(&self, v: &mut Values, c: &Column, value: &Value) {
+        as_owner(self.table.owner, || self.set_as_owner(v, c, value))
+    }
+
+    fn set_as_owner(&self, v: &mut Values, c: &Column, value: &Value) {
+        let i = c.attnum as usize - 1;
+        v.set[i] = true;
+        let text = match value {
+            Value::Null => None,
+            Value::String(s) => Some(s.clone()),
+            other => Some(other.to_string()),
+        };
+        let text = text.map(|s| CString::new(s).unwrap_or_else(|_| nul_in_value(c)));
+        // Input functions are called for NULL too (domains check NOT NULL).
+        let ptr = text.as_ref().map_or(std::ptr::null_mut(), |s| {
+            s.as_ptr() as *mut std::ffi::c_char
+        });
+        unsafe {
+            v.datums[i] = in_context(self.cxt(), || {
+                pg_sys::OidInputFunctionCall(c.input, ptr, c.ioparam, c.typmod)
+            });
+        }
+        v.nulls[i] = text.is_none();
+    }
+
+    /// The row with key `key`, locked; waits for a concurrent writer of it.
+    pub fn find(&self, key: &Values) -> Option<*mut pg_sys::TupleTableSlot> {
+        as_owner(self.table.owner, || unsafe {
+            let _cxt = Switch::to(self.cxt());
+            let search = self.slot(key, None);
+            let local = pg_sys::table_slot_create(self.rel, &mut (*self.estate).es_tupleTable);
+            let found = pg_sys::RelationFindReplTupleByIndex(
+                self.rel,
+                self.table.pk_index,
+                pg_sys::LockTupleMode::LockTupleExclusive,
+                search,
+                local,
+            );
+            found.then_some(local)
+        })
+    }
+
+    /// A virtual slot with `v`'s values over `base`'s (or defaults where
+    /// `base` is None and the column is not set: evaluated as INSERT does).
+    unsafe fn slot(
+        &self,
+        v: &Values,
+        base: Option<*mut pg_sys::TupleTableSlot>,
+    ) -> *mut pg_sys::TupleTableSlot {
+        let desc = (*self.rel).rd_att;
+        let slot = pg_sys::ExecInitExtraTupleSlot(self.estate, desc, &pg_sys::TTSOpsVirtual);
+        if let Some(b) = base {
+            pg_sys::slot_getsomeattrs_int(b, self.natts as i32);
+        }
+        for i in 0..self.natts {
+            let (datum, null) = match base {
+                _ if v.set[i] => (v.datums[i], v.nulls[i]),
+                Some(b) => (*(*b).tts_values.add(i), *(*b).tts_isnull.add(i)),
+                None => (pg_sys::Datum::from(0), true),
+            };
+            *(*slot).tts_values.add(i) = datum;
+            *(*slot).tts_isnull.add(i) = null;
+        }
+        pg_sys::ExecStoreVirtualTuple(slot)
+    }
+
+    /// Fills columns the intent does not carry with their defaults (a
+    /// column added here and not yet in the writer's region), as INSERT.
+    pub fn fill_defaults(&self, v: &mut Values) {
+        as_owner(self.table.owner, || self.fill_defaults_as_owner(v))
+    }
+
+    fn fill_defaults_as_owner(&self, v: &mut Values) {
+        for c in &self.table.columns {
+            let i = c.attnum as usize - 1;
+            if v.set[i] || c.generated {
+                continue;
+            }
+            unsafe {
+                let _cxt = Switch::to(self.cxt());
+                let expr = pg_sys::build_column_default(self.rel, c.attnum as i32);
+                if expr.is_null() {
+                    continue;
+                }
+                let state = pg_sys::ExecPrepareExpr(expr.cast(), self.estate);
+                let econtext = pg_sys::MakePerTupleExprContext(self.estate);
+                let mut null = false;
+                let eval = (*state).evalfunc.expect("an expression has an evaluator");
+                v.datums[i] = eval(state, econtext, &mut null);
+                v.nulls[i] = null;
+                v.set[i] = true;
+            }
+        }
+    }
+
+    pub fn insert(&self, v: &Values) {
+        as_owner(self.table.owner, || unsafe {
+            let _cxt = Switch::to(self.cxt());
+            let slot = self.slot(v, None);
+            pg_sys::ExecSimpleRelationInsert(self.relinfo, self.estate, slot);
+            pg_sys::CommandCounterIncrement();
+        })
+    }
+
+    /// Overwrites the set columns of the locked row `local`.
+    pub fn update(&self, local: *mut pg_sys::TupleTableSlot, v: &Values) {
+        self.with_epq(|epq| unsafe {
+            let slot = self.slot(v, Some(local));
+            (*epq).origslot = slot;
+            pg_sys::ExecSimpleRelationUpdate(self.relinfo, self.estate, epq, local, slot);
+        });
+    }
+
+    pub fn delete(&self, local: *mut pg_sys::TupleTableSlot) {
+        self.with_epq(|epq| unsafe {
+            pg_sys::ExecSimpleRelationDelete(self.relinfo, self.estate, epq, local);
+        });
+    }
+
+    /// Runs an update or delete (as the owner, in the intent's memory) with
+    /// the EvalPlanQual state they need, then makes the change visible.
+    fn with_epq(&self, f: impl FnOnce(*mut pg_sys::EPQState)) {
+        as_owner(self.table.owner, || unsafe {
+            let _cxt = Switch::to(self.cxt());
+            let mut epq: pg_sys::EPQState = std::mem::zeroed();
+            let none = std::ptr::null_mut();
+            pg_sys::EvalPlanQualInit(&mut epq, self.estate, none, none.cast(), -1);
+            f(&mut epq);
+            pg_sys::EvalPlanQualEnd(&mut epq);
+            pg_sys::CommandCounterIncrement();
+        })
+    }
+
+    /// The text of column `c` of the locked row `local` (for counters).
+    pub fn text_of(&self, local: *mut pg_sys::TupleTableSlot, c: &Column) -> Option<String> {
+        as_owner(self.table.owner, || unsafe {
+            let _cxt = Switch::to(self.cxt());
+            pg_sys::slot_getsomeattrs_int(local, c.attnum as i32);
+            let i = c.attnum as usize - 1;
+            if *(*local).tts_isnull.add(i) {
+                return None;
+            }
+            let text = pg_sys::OidOutputFunctionCall(c.output, *(*local).tts_values.add(i));
+            Some(CStr::from_ptr(text).to_string_lossy().into_owned())
+        })
+    }
+}
+
+fn nul_in_value(c: &Column) -> CString {
+    crate::errors::raise(
+        pgrx::PgSqlErrorCode::ERRCODE_UNTRANSLATABLE_CHARACTER,
+        format!("a value for column \"{}\" contains a NUL character", c.name),
+        "Intents carry values as PostgreSQL prints them, which never contain NUL.",
+    )
+}
+
+impl Drop for Heap<'_> {
+    fn drop(&mut self) {
+        // After an error the transaction's abort frees and closes all this.
+        if std::thread::panicking() {
+            return;
+        }
+        // Queued AFTER triggers (enabled for replicas) fire here.
+        as_owner(self.table.owner, || unsafe {
+            pg_sys::ExecCloseIndices(self.relinfo);
+            pg_sys::AfterTriggerEndQuery(self.estate);
+            pg_sys::ExecResetTupleTable((*self.estate).es_tupleTable, false);
+            pg_sys::FreeExecutorState(self.estate);
+            pg_sys::PopActiveSnapshot();
+            pg_sys::table_close(self.rel, pg_sys::NoLock as i32);
+        })
+    }
+}

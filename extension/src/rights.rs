@@ -1,0 +1,35 @@
+//! Applied writes run with the rights of the table's owner, as PostgreSQL
+//! 16 subscriptions without `run_as_owner` do: any trigger, default, CHECK,
+//! domain or expression function that the owner wrote runs as the owner,
+//! never as the (superuser) owner of the extension.
+
+use pgrx::pg_sys;
+
+/// The user and security context to go back to.
+struct Restore {
+    user: pg_sys::Oid,
+    context: i32,
+}
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        unsafe { pg_sys::SetUserIdAndSecContext(self.user, self.context) };
+    }
+}
+
+/// Runs `f` as `owner`, in a security-restricted operation (no `SET ROLE`,
+/// no temporary objects, as for maintenance commands run on a user's table).
+pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    let _restore = unsafe {
+        let (mut user, mut context) = (pg_sys::Oid::INVALID, 0);
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            context
+                | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
+                | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+        );
+        Restore { user, context }
+    };
+    f()
+}
