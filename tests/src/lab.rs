@@ -326,7 +326,7 @@ impl Lab {
         self.region_dir(region).join("sidecar.pid")
     }
 
-    fn sidecar_pid(&self, region: &str) -> Option<u32> {
+    pub fn sidecar_pid(&self, region: &str) -> Option<u32> {
         std::fs::read_to_string(self.sidecar_pid_file(region))
             .ok()?
             .trim()
