@@ -24,9 +24,10 @@
 use crate::catalog::{self, Table};
 use crate::errors::raise;
 use crate::heap::{Heap, Values};
-use crate::spi::{first, jsonb, run_kept};
+use crate::row_versions::{Found, Store, Version};
+use crate::spi::{first, run_kept};
 use foreshadow_model::lww::{incoming_wins, Stamp};
-use foreshadow_model::{Causality, Hlc, Intent, Op, VersionVector};
+use foreshadow_model::{Causality, Intent, Op};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -35,25 +36,6 @@ use pgrx::AnyNumeric;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-const VERSION_SQL: &str =
-    "SELECT hlc::text, origin, vv::text, deleted::text FROM foreshadow.row_versions \
-     WHERE relid = $1 AND key = $2";
-const VERSION_LOCK_SQL: &str =
-    "SELECT hlc::text, origin, vv::text, deleted::text FROM foreshadow.row_versions \
-     WHERE relid = $1 AND key = $2 FOR UPDATE";
-const STAMP_SQL: &str = "INSERT INTO foreshadow.row_versions AS v (relid, key, hlc, origin, vv, deleted) \
-     VALUES ($1, $2, $3, $4, $5::jsonb, $6) ON CONFLICT (relid, key) DO UPDATE \
-     SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin, vv = EXCLUDED.vv, deleted = EXCLUDED.deleted";
-const STAMP_TYPES: [pg_sys::Oid; 6] = [
-    pg_sys::OIDOID,
-    pg_sys::JSONBOID,
-    pg_sys::INT8OID,
-    pg_sys::TEXTOID,
-    pg_sys::TEXTOID,
-    pg_sys::BOOLOID,
-];
-const SEEN_SQL: &str =
-    "UPDATE foreshadow.row_versions SET vv = $3::jsonb WHERE relid = $1 AND key = $2";
 const REJECT_SQL: &str = "INSERT INTO foreshadow.dead_letters (origin, kind, reason, intent) \
      VALUES ($1, $2, $3, $4)";
 const COUNT_SQL: &str = "SELECT foreshadow.count_applied($1, $2, $3, $4)";
@@ -63,10 +45,6 @@ const IN_STEP_SQL: &str =
      = $1::pg_lsn)::text";
 const XID_SQL: &str = "SELECT pg_catalog.pg_current_xact_id()::text";
 const LOCK_TIMEOUT_SQL: &str = "SELECT pg_catalog.set_config('lock_timeout', $1, true)";
-
-/// How often an intent starts over because its key was taken meanwhile
-/// before the transaction gives up (and the sidecar retries it whole).
-const ATTEMPTS: usize = 5;
 
 /// What applying one intent did.
 #[derive(Default, Clone, Copy)]
@@ -109,38 +87,6 @@ pub fn reject(client: &mut SpiClient<'_>, origin: &str, why: Reject, reason: &st
         ],
         &[origin.into(), why.kind().into(), reason.into(), raw.into()],
     );
-}
-
-/// A row's stored version.
-struct Version {
-    hlc: Hlc,
-    origin: String,
-    vv: VersionVector,
-    deleted: bool,
-}
-
-fn version(
-    client: &mut SpiClient<'_>,
-    t: &Table,
-    key: &Map<String, Value>,
-    lock: bool,
-) -> Option<Version> {
-    let sql = if lock { VERSION_LOCK_SQL } else { VERSION_SQL };
-    let row = run_kept(
-        client,
-        sql,
-        &[pg_sys::OIDOID, pg_sys::JSONBOID],
-        &[t.relid.into(), jsonb(key)],
-    )
-    .into_iter()
-    .next()?;
-    let text = |k: usize| row[k].clone().unwrap_or_default();
-    Some(Version {
-        hlc: Hlc(text(0).parse().unwrap_or(0)),
-        origin: text(1),
-        vv: serde_json::from_str(&text(2)).unwrap_or_default(),
-        deleted: text(3) == "true",
-    })
 }
 
 /// The counter columns' new values: the value here (NULL counts as 0)
@@ -254,7 +200,8 @@ fn check_fits(t: &Table, i: &Intent) {
 enum RowState {
     /// It was there and is locked.
     Locked(*mut pg_sys::TupleTableSlot),
-    /// It was not there and was just inserted with the intent's image.
+    /// It was not there and was just inserted with the intent's image
+    /// (counters holding the increments).
     Inserted,
     /// It is not there (a delete).
     Absent,
@@ -265,93 +212,74 @@ enum RowState {
 /// wins or not. The user's row is written at the heap level, as its owner.
 pub fn apply_intent(client: &mut SpiClient<'_>, t: &Table, i: &Intent) -> Outcome {
     check_fits(t, i);
-    {
-        let heap = Heap::open(t);
-        let key = heap.values(&i.key);
-        for _ in 0..ATTEMPTS {
-            if let Some(local) = heap.find(&key) {
-                let cur = version(client, t, &i.key, true);
-                return decide(client, t, i, cur, RowState::Locked(local), &heap);
-            }
-            if i.op == Op::Delete {
-                let cur = version(client, t, &i.key, true);
-                return decide(client, t, i, cur, RowState::Absent, &heap);
-            }
-            // No row: claim the key with the row itself (a concurrent
-            // insert of the same key makes this wait, then raise: the
-            // sidecar retries), then lock its version.
-            let seen = version(client, t, &i.key, false);
-            let resurrects = seen.as_ref().is_some_and(|v| v.deleted);
-            let mut values = row_values(&heap, t, i, resurrects, None);
+    let versions = catalog::versions(client);
+    let (heap, store) = (Heap::open(t), Store::open(&versions));
+    let key_text = Value::Object(i.key.clone()).to_string();
+    let key = heap.values(&i.key);
+    let row = match heap.find(&key) {
+        Some(local) => RowState::Locked(local),
+        None if i.op == Op::Delete => RowState::Absent,
+        None => {
+            // No row: claim the key with the row itself before its version
+            // is locked, the order a local insert takes them in. A
+            // concurrent insert of the same key makes this wait, then
+            // raise (unique violation): the sidecar applies the peer
+            // transaction again, and the row is found.
+            let mut values = row_values(&heap, t, i, false, None);
             heap.fill_defaults(&mut values);
             heap.insert(&values);
-            let cur = version(client, t, &i.key, true);
-            if cur.as_ref().is_some_and(|v| v.deleted) == resurrects {
-                let o = decide(client, t, i, cur, RowState::Inserted, &heap);
-                if !o.changed {
-                    // The write lost to the version here (a newer delete):
-                    // the row claimed for it goes again.
-                    remove(&heap, &key);
-                }
-                return o;
-            }
-            // The version changed between the look and the lock (a delete
-            // applied from another peer): the image may be of the wrong kind.
-            remove(&heap, &key);
+            RowState::Inserted
         }
-        raise(
-            PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
-            format!(
-                "the row {} of {} kept changing while an intent from region {} was applied",
-                Value::Object(i.key.clone()),
-                t.qualified,
-                i.origin
-            ),
-            "The sidecar retries the peer transaction.",
-        )
+    };
+    let cur = store.find(t.relid, &key_text);
+    let o = decide(t, i, cur, row, &heap, &store, &key_text);
+    if row == RowState::Inserted && !o.changed {
+        // The write lost to the version here (a newer delete): the row
+        // claimed for it goes again.
+        if let Some(local) = heap.find(&key) {
+            heap.delete(local);
+        }
     }
-}
-
-fn remove(heap: &Heap<'_>, key: &Values) {
-    if let Some(local) = heap.find(key) {
-        heap.delete(local);
-    }
+    o
 }
 
 /// Compares the intent with the row's version `cur` (locked) and writes
 /// what wins.
 fn decide(
-    client: &mut SpiClient<'_>,
     t: &Table,
     i: &Intent,
-    cur: Option<Version>,
+    cur: Option<Found>,
     row: RowState,
     heap: &Heap<'_>,
+    store: &Store<'_>,
+    key_text: &str,
 ) -> Outcome {
-    let mut vv = cur.as_ref().map(|c| c.vv.clone()).unwrap_or_default();
-    let conflict = cur.is_some() && vv.compare(&i.vv) == Causality::Concurrent;
+    let here = cur.as_ref().map(|f| &f.version);
+    let mut vv = here.map(|c| c.vv.clone()).unwrap_or_default();
+    let conflict = here.is_some() && vv.compare(&i.vv) == Causality::Concurrent;
     vv.merge(&i.vv);
-    let vv_text = serde_json::to_string(&vv).expect("a version vector serialises");
     let wins = incoming_wins(
         Stamp {
             hlc: i.hlc,
             origin: &i.origin,
         },
-        cur.as_ref().map(|c| Stamp {
+        here.map(|c| Stamp {
             hlc: c.hlc,
             origin: &c.origin,
         }),
     );
-    let deleted_here = cur.as_ref().is_some_and(|c| c.deleted);
+    let deleted_here = here.is_some_and(|c| c.deleted);
     if !wins {
         // The version here supersedes this write: remember it was seen, and
         // keep its increments unless the row is deleted.
-        run_kept(
-            client,
-            SEEN_SQL,
-            &[pg_sys::OIDOID, pg_sys::JSONBOID, pg_sys::TEXTOID],
-            &[t.relid.into(), jsonb(&i.key), vv_text.into()],
-        );
+        if let (Some(found), Some(h)) = (&cur, here) {
+            let seen = Version {
+                vv,
+                origin: h.origin.clone(),
+                ..*h
+            };
+            store.write(Some(found), t.relid, key_text, &seen);
+        }
         let changed = match row {
             RowState::Locked(local)
                 if !deleted_here && i.delta.is_some() && !t.counters.is_empty() =>
@@ -371,22 +299,23 @@ fn decide(
             let v = row_values(heap, t, i, deleted_here, Some(local));
             heap.update(local, &v);
         }
-        // Absent stays absent; an inserted row already holds the image.
+        // A row brought back over a tombstone takes the writer's counter
+        // values, not the increments it was inserted with.
+        (_, RowState::Inserted) if deleted_here && !t.counters.is_empty() => {
+            let key = heap.values(&i.key);
+            if let Some(local) = heap.find(&key) {
+                heap.update(local, &row_values(heap, t, i, true, None));
+            }
+        }
         _ => {}
     }
-    run_kept(
-        client,
-        STAMP_SQL,
-        &STAMP_TYPES,
-        &[
-            t.relid.into(),
-            jsonb(&i.key),
-            (i.hlc.0 as i64).into(),
-            i.origin.as_str().into(),
-            vv_text.into(),
-            (i.op == Op::Delete).into(),
-        ],
-    );
+    let new = Version {
+        hlc: i.hlc,
+        origin: i.origin.clone(),
+        vv,
+        deleted: i.op == Op::Delete,
+    };
+    store.write(cur.as_ref(), t.relid, key_text, &new);
     Outcome {
         changed: true,
         conflict,

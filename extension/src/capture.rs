@@ -4,7 +4,8 @@
 //! message, in the writer's own transaction. It runs for every written row,
 //! so it is Rust with one kept plan (it was plpgsql calling plpgsql).
 
-use crate::spi::run_kept;
+use crate::row_versions::{Store, Version};
+use foreshadow_model::Hlc;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgTupleDesc;
@@ -12,21 +13,6 @@ use serde_json::{Map, Value};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-
-/// One statement stamps the row: a fresh stamp from the region's clock,
-/// which has observed every stamp stored here, unless the row's stamp is
-/// ahead of the clock (after a restart), then the next stamp above it; and
-/// the region's entry of the version vector goes up by one
-/// (`VersionVector::bump`, in SQL so that it is one round of work).
-const STAMP_SQL: &str = "INSERT INTO foreshadow.row_versions AS v (relid, key, hlc, origin, vv, deleted) \
-     VALUES ($1, $2::jsonb, $3, $4, pg_catalog.jsonb_build_object($4, 1), $5) \
-     ON CONFLICT (relid, key) DO UPDATE \
-     SET hlc = CASE WHEN EXCLUDED.hlc > v.hlc THEN EXCLUDED.hlc ELSE foreshadow.hlc_next(v.hlc) END, \
-         origin = EXCLUDED.origin, \
-         vv = v.vv OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object(EXCLUDED.origin, \
-              COALESCE((v.vv OPERATOR(pg_catalog.->>) EXCLUDED.origin)::bigint, 0) + 1), \
-         deleted = EXCLUDED.deleted \
-     RETURNING v.hlc::text, v.vv::text";
 
 /// What the capture trigger is told about its table (trigger arguments set
 /// by `foreshadow.refresh_table`).
@@ -158,33 +144,25 @@ fn record(
 ) {
     let region = crate::gucs::region();
     let key_text = Value::Object(key).to_string();
-    let stamped = Spi::connect_mut(|client| {
-        run_kept(
-            client,
-            STAMP_SQL,
-            &[
-                pg_sys::OIDOID,
-                // The key's text is needed for the intent anyway: serialised once.
-                pg_sys::TEXTOID,
-                pg_sys::INT8OID,
-                pg_sys::TEXTOID,
-                pg_sys::BOOLOID,
-            ],
-            &[
-                relid.into(),
-                key_text.as_str().into(),
-                crate::clock::next_stamp().into(),
-                region.as_str().into(),
-                (op == "delete").into(),
-            ],
-        )
-    });
-    let row0 = stamped
-        .into_iter()
-        .next()
-        .expect("the stamp returns its row");
-    let text = |i: usize| row0[i].clone().unwrap_or_else(|| "null".into());
-    let (hlc, vv) = (text(0), text(1));
+    // The row's new version: a stamp from the region's clock above the
+    // row's previous stamp (which may be a peer's, from a clock ahead of
+    // this one), and the region's entry of the version vector up by one.
+    let versions = Spi::connect_mut(crate::catalog::versions);
+    let store = Store::open(&versions);
+    let found = store.find(relid, &key_text);
+    let here = found.as_ref().map(|f| &f.version);
+    let mut vv = here.map(|v| v.vv.clone()).unwrap_or_default();
+    vv.bump(&region);
+    let version = Version {
+        hlc: crate::clock::stamp_above(here.map_or(Hlc(0), |v| v.hlc)),
+        origin: region.clone(),
+        vv,
+        deleted: op == "delete",
+    };
+    store.write(found.as_ref(), relid, &key_text, &version);
+    drop(store);
+    let hlc = version.hlc.0;
+    let vv = serde_json::to_string(&version.vv).expect("a version vector serialises");
     let q = |s: &str| Value::String(s.to_string()).to_string();
     let delta = delta
         .map(|d| Value::Object(d).to_string())

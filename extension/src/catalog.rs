@@ -24,20 +24,26 @@ thread_local! {
     static GENERATION: Cell<u64> = const { Cell::new(0) };
 }
 
-const TABLE_SQL: &str = "SELECT t.relid, c.relowner, \
-       pg_catalog.format('%I.%I', n.nspname, c.relname), t.counter_cols, \
+/// A global table's handle here, by the names peers use.
+const RELID_SQL: &str =
+    "SELECT relid FROM foreshadow.tables WHERE schema_name = $1::name AND table_name = $2::name";
+/// What applying needs to know about a relation (a global table, or
+/// Foreshadow's own `row_versions`).
+const TABLE_SQL: &str = "SELECT c.oid, c.relowner, \
+       pg_catalog.format('%I.%I', n.nspname, c.relname), coalesce(t.counter_cols, '{}'), \
        pg_catalog.array_agg(a.attname::text ORDER BY a.attnum), \
        pg_catalog.array_agg(a.attgenerated <> '' ORDER BY a.attnum), \
        pg_catalog.array_agg(a.attnum::int4 ORDER BY a.attnum), \
        pg_catalog.array_agg(a.atttypid ORDER BY a.attnum), \
        pg_catalog.array_agg(a.atttypmod ORDER BY a.attnum), \
-       (SELECT i.indexrelid FROM pg_catalog.pg_index i WHERE i.indrelid = t.relid AND i.indisprimary) \
-     FROM foreshadow.tables t \
-     JOIN pg_catalog.pg_class c ON c.oid = t.relid \
+       (SELECT i.indexrelid FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
+     FROM pg_catalog.pg_class c \
      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-     JOIN pg_catalog.pg_attribute a ON a.attrelid = t.relid AND a.attnum > 0 AND NOT a.attisdropped \
-     WHERE t.schema_name = $1::name AND t.table_name = $2::name \
-     GROUP BY t.relid, c.relowner, n.nspname, c.relname, t.counter_cols";
+     JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+     LEFT JOIN foreshadow.tables t ON t.relid = c.oid \
+     WHERE c.oid = $1 \
+     GROUP BY c.oid, c.relowner, n.nspname, c.relname, t.counter_cols";
+const VERSIONS_SQL: &str = "SELECT 'foreshadow.row_versions'::pg_catalog.regclass::pg_catalog.oid";
 
 pub struct Column {
     pub name: String,
@@ -88,16 +94,50 @@ pub fn table(client: &mut SpiClient<'_>, schema: &str, name: &str) -> Option<Rc<
             return t;
         }
     }
-    let t = lookup(client, schema, name).map(Rc::new);
+    let relid = first_oid(client, RELID_SQL, &[schema.into(), name.into()]);
+    let t = relid.and_then(|r| lookup(client, r)).map(Rc::new);
     TABLES.with(|c| c.borrow_mut().insert(key, (generation, t.clone())));
     t
 }
 
-fn lookup(client: &mut SpiClient<'_>, schema: &str, name: &str) -> Option<Table> {
-    let plan = kept_plan(client, TABLE_SQL, &[pg_sys::TEXTOID, pg_sys::TEXTOID]);
+/// `foreshadow.row_versions`, where every row's version is kept; written
+/// at the heap level like the users' tables.
+pub fn versions(client: &mut SpiClient<'_>) -> Rc<Table> {
+    thread_local! {
+        static VERSIONS: RefCell<Option<(u64, Rc<Table>)>> = const { RefCell::new(None) };
+    }
+    let generation = GENERATION.with(Cell::get);
+    if let Some((g, t)) = VERSIONS.with(|v| v.borrow().clone()) {
+        if g == generation {
+            return t;
+        }
+    }
+    let t = first_oid(client, VERSIONS_SQL, &[])
+        .and_then(|r| lookup(client, r))
+        .map(Rc::new)
+        .expect("foreshadow.row_versions exists");
+    VERSIONS.with(|v| *v.borrow_mut() = Some((generation, t.clone())));
+    t
+}
+
+fn first_oid(
+    client: &mut SpiClient<'_>,
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+) -> Option<pg_sys::Oid> {
+    let types: Vec<pg_sys::Oid> = args.iter().map(|_| pg_sys::TEXTOID).collect();
+    let plan = kept_plan(client, sql, &types);
     let rows = client
-        .select(&*plan, None, &[schema.into(), name.into()])
-        .unwrap_or_else(|e| panic!("reading global table {schema}.{name}: {e}"));
+        .select(&*plan, None, args)
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    rows.into_iter().next()?.get::<pg_sys::Oid>(1).ok()?
+}
+
+fn lookup(client: &mut SpiClient<'_>, relid: pg_sys::Oid) -> Option<Table> {
+    let plan = kept_plan(client, TABLE_SQL, &[pg_sys::OIDOID]);
+    let rows = client
+        .select(&*plan, None, &[relid.into()])
+        .unwrap_or_else(|e| panic!("reading table {relid:?}: {e}"));
     let row = rows.into_iter().next()?;
     let list =
         |i: usize| -> Vec<String> { row.get::<Vec<String>>(i).ok().flatten().unwrap_or_default() };

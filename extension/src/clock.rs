@@ -36,10 +36,9 @@ fn tick(floor: Hlc) -> Hlc {
     }
 }
 
-/// The stamp for a local write (the row's own stamp is checked where it is
-/// stored, see capture.rs).
-pub fn next_stamp() -> i64 {
-    tick(Hlc(0)).0 as i64
+/// The stamp for a local write to a row last stamped `floor`.
+pub fn stamp_above(floor: Hlc) -> Hlc {
+    tick(floor)
 }
 
 /// The stamp for a local write to a row last stamped `floor` (NULL: new row).

@@ -14,6 +14,7 @@ mod errors;
 mod gucs;
 mod heap;
 mod rights;
+mod row_versions;
 mod spi;
 mod versions;
 

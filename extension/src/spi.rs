@@ -5,7 +5,6 @@
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::{self, PgOid};
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
-use serde_json::Value;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -68,9 +67,4 @@ pub fn first(rows: Vec<Vec<Option<String>>>) -> Option<String> {
     rows.into_iter()
         .next()
         .and_then(|r| r.into_iter().next().flatten())
-}
-
-/// A JSON object as a jsonb argument.
-pub fn jsonb(map: &serde_json::Map<String, Value>) -> DatumWithOid<'static> {
-    pgrx::JsonB(Value::Object(map.clone())).into()
 }

@@ -1,0 +1,92 @@
+//! The version of every row of every global table
+//! (`foreshadow.row_versions`), found, locked and written at the heap level
+//! like the users' rows: capture writes one for every local write and apply
+//! one for every peer intent, so a SQL statement for it per row was most of
+//! both. A version is found through the table's primary key (relid, key)
+//! and locked (waiting for a concurrent writer of it), which is what orders
+//! writers of the same row.
+
+use crate::catalog::Table;
+use crate::heap::{Heap, Values};
+use foreshadow_model::{Hlc, VersionVector};
+use pgrx::pg_sys;
+use serde_json::{Map, Value};
+
+/// A row's version as stored.
+pub struct Version {
+    pub hlc: Hlc,
+    pub origin: String,
+    pub vv: VersionVector,
+    pub deleted: bool,
+}
+
+/// A stored version, locked by this transaction.
+pub struct Found {
+    slot: *mut pg_sys::TupleTableSlot,
+    pub version: Version,
+}
+
+/// `foreshadow.row_versions`, open for one row's version.
+pub struct Store<'t> {
+    heap: Heap<'t>,
+    table: &'t Table,
+}
+
+impl<'t> Store<'t> {
+    pub fn open(table: &'t Table) -> Store<'t> {
+        Store {
+            heap: Heap::open(table),
+            table,
+        }
+    }
+
+    fn values(&self, fields: &[(&str, String)]) -> Values {
+        let row: Map<String, Value> = fields
+            .iter()
+            .map(|(c, v)| (c.to_string(), Value::String(v.clone())))
+            .collect();
+        self.heap.values(&row)
+    }
+
+    /// The version of row `key` (its primary key as JSON text) of table
+    /// `relid`, locked; None if the row has none yet.
+    pub fn find(&self, relid: pg_sys::Oid, key: &str) -> Option<Found> {
+        let search = self.values(&[("relid", u32::from(relid).to_string()), ("key", key.into())]);
+        let slot = self.heap.find(&search)?;
+        let text = |name: &str| {
+            let column = self
+                .table
+                .column(name)
+                .expect("row_versions has the column");
+            self.heap.text_of(slot, column).unwrap_or_default()
+        };
+        let version = Version {
+            hlc: Hlc(text("hlc").parse().unwrap_or(0)),
+            origin: text("origin"),
+            vv: serde_json::from_str(&text("vv")).unwrap_or_default(),
+            deleted: text("deleted") == "t",
+        };
+        Some(Found { slot, version })
+    }
+
+    /// Stores `v` as the version of row `key` of `relid`: over `found` (the
+    /// locked version), or as its first version.
+    pub fn write(&self, found: Option<&Found>, relid: pg_sys::Oid, key: &str, v: &Version) {
+        let vv = serde_json::to_string(&v.vv).expect("a version vector serialises");
+        let fields = [
+            ("hlc", (v.hlc.0 as i64).to_string()),
+            ("origin", v.origin.clone()),
+            ("vv", vv),
+            ("deleted", v.deleted.to_string()),
+        ];
+        match found {
+            Some(f) => self.heap.update(f.slot, &self.values(&fields)),
+            None => {
+                let mut all = fields.to_vec();
+                all.push(("relid", u32::from(relid).to_string()));
+                all.push(("key", key.into()));
+                self.heap.insert(&self.values(&all));
+            }
+        }
+    }
+}
