@@ -293,23 +293,6 @@ BEGIN
 END
 $$;
 
--- Counts a peer's applied intents in peer_stats, in the applying transaction.
-CREATE FUNCTION foreshadow.count_applied(origin text, intents integer, changed integer, conflicts integer)
-RETURNS void
-LANGUAGE sql
-SET search_path = pg_catalog, pg_temp
-AS $$
-    INSERT INTO foreshadow.peer_stats AS s (origin, intents, changed_rows, conflicts, last_applied_at)
-    VALUES (origin, intents, changed, conflicts, now())
-    ON CONFLICT (origin) DO UPDATE
-       SET intents = s.intents + EXCLUDED.intents,
-           changed_rows = s.changed_rows + EXCLUDED.changed_rows,
-           conflicts = s.conflicts + EXCLUDED.conflicts,
-           last_applied_at = EXCLUDED.last_applied_at,
-           last_error = NULL,
-           last_error_at = NULL
-$$;
-
 -- Records why a peer's lane is stopped (called by the sidecar after a peer
 -- transaction failed to apply; cleared by the next one that applies).
 CREATE FUNCTION foreshadow.note_lane_error(origin text, message text) RETURNS void
@@ -381,7 +364,6 @@ REVOKE EXECUTE ON FUNCTION foreshadow.make_global(regclass, text, boolean), fore
     foreshadow.announce_rows(oid, text, text, text, text[]),
     foreshadow.apply_transaction(text, text, text, text, timestamptz, integer),
     foreshadow.retry_dead_letters(), foreshadow.note_lane_error(text, text),
-    foreshadow.count_applied(text, integer, integer, integer),
     foreshadow.grant_sidecar(regrole), foreshadow.hlc_observe(bigint) FROM PUBLIC;
 GRANT USAGE ON SCHEMA foreshadow TO PUBLIC;
 GRANT SELECT ON foreshadow.global_tables, foreshadow.strategies, foreshadow.peer_stats TO PUBLIC;

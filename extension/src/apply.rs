@@ -25,7 +25,7 @@ use crate::catalog::{self, Table};
 use crate::errors::raise;
 use crate::heap::{Heap, Values};
 use crate::row_versions::{Found, Store, Version};
-use crate::spi::{first, run_kept};
+use crate::spi::run_kept;
 use foreshadow_model::lww::{incoming_wins, Stamp};
 use foreshadow_model::{Causality, Intent, Op};
 use pgrx::datum::TimestampWithTimeZone;
@@ -38,12 +38,14 @@ use serde_json::{Map, Value};
 
 const REJECT_SQL: &str = "INSERT INTO foreshadow.dead_letters (origin, kind, reason, intent) \
      VALUES ($1, $2, $3, $4)";
-const COUNT_SQL: &str = "SELECT foreshadow.count_applied($1, $2, $3, $4)";
-const PROGRESS_SQL: &str = "SELECT pg_catalog.pg_replication_origin_xact_setup($1::pg_lsn, $2)";
-const IN_STEP_SQL: &str =
-    "SELECT (coalesce(pg_catalog.pg_replication_origin_session_progress(false), '0/0') \
-     = $1::pg_lsn)::text";
-const XID_SQL: &str = "SELECT pg_catalog.pg_current_xact_id()::text";
+/// Counts a peer's applied intents in `peer_stats`, in the applying
+/// transaction (so the figures are exact across crashes), and clears the
+/// lane's error: it applies again.
+const COUNT_SQL: &str = "INSERT INTO foreshadow.peer_stats AS s \
+     (origin, intents, changed_rows, conflicts, last_applied_at) VALUES ($1, $2, $3, $4, pg_catalog.now()) \
+     ON CONFLICT (origin) DO UPDATE SET intents = s.intents + EXCLUDED.intents, \
+       changed_rows = s.changed_rows + EXCLUDED.changed_rows, conflicts = s.conflicts + EXCLUDED.conflicts, \
+       last_applied_at = EXCLUDED.last_applied_at, last_error = NULL, last_error_at = NULL";
 const LOCK_TIMEOUT_SQL: &str = "SELECT pg_catalog.set_config('lock_timeout', $1, true)";
 
 /// What applying one intent did.
@@ -361,6 +363,56 @@ pub fn apply_raw(client: &mut SpiClient<'_>, peer: &str, raw: &str) -> Outcome {
     o
 }
 
+/// Counts applied intents (and the rows they changed, and conflicts) for
+/// `peer`, in the current transaction.
+pub fn count(client: &mut SpiClient<'_>, peer: &str, intents: i32, changed: i32, conflicts: i32) {
+    run_kept(
+        client,
+        COUNT_SQL,
+        &[
+            pg_sys::TEXTOID,
+            pg_sys::INT4OID,
+            pg_sys::INT4OID,
+            pg_sys::INT4OID,
+        ],
+        &[
+            peer.into(),
+            intents.into(),
+            changed.into(),
+            conflicts.into(),
+        ],
+    );
+}
+
+/// The peer position this session's replication origin has applied up to
+/// (committed, flushed or not). Raises unless the session set one up.
+fn session_progress() -> u64 {
+    unsafe {
+        if pg_sys::replorigin_session_origin == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
+            raise(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "no replication origin is set up in this session",
+                "The sidecar sets up foreshadow_from_<peer> with pg_replication_origin_session_setup() before applying.",
+            );
+        }
+        pg_sys::replorigin_session_get_progress(false)
+    }
+}
+
+/// An LSN as PostgreSQL prints it (`16/B374D848`).
+fn lsn(text: &str) -> u64 {
+    let parsed = text.split_once('/').and_then(|(hi, lo)| {
+        Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+    });
+    parsed.unwrap_or_else(|| {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
+            format!("invalid LSN {text:?}"),
+            "An LSN looks like 16/B374D848.",
+        )
+    })
+}
+
 /// The intents of a batch: a JSON array whose elements are intents, or
 /// JSON strings holding what arrived where an intent was expected but was
 /// not JSON at all (the sidecar wraps those so that they are kept).
@@ -408,15 +460,7 @@ fn apply_transaction(
 ) -> i32 {
     crate::canonical::applying(true);
     Spi::connect_mut(|client| {
-        let in_step = first(run_kept(
-            client,
-            IN_STEP_SQL,
-            &[pg_sys::TEXTOID],
-            &[prev_lsn.into()],
-        ))
-        .as_deref()
-            == Some("true");
-        if !in_step {
+        if session_progress() != lsn(prev_lsn) {
             return -1;
         }
         if lock_timeout_ms > 0 {
@@ -430,36 +474,23 @@ fn apply_transaction(
         let elements = elements(intents);
         // Progress is recorded with the commit record, which needs a
         // transaction id even when nothing here was written.
-        run_kept(client, XID_SQL, &[], &[]);
+        unsafe { pg_sys::GetCurrentTransactionId() };
         let (mut changed, mut conflicts) = (0i32, 0i32);
         for raw in &elements {
             let o = apply_raw(client, peer, raw);
             changed += o.changed as i32;
             conflicts += o.conflict as i32;
         }
-        run_kept(
-            client,
-            COUNT_SQL,
-            &[
-                pg_sys::TEXTOID,
-                pg_sys::INT4OID,
-                pg_sys::INT4OID,
-                pg_sys::INT4OID,
-            ],
-            &[
-                peer.into(),
-                (elements.len() as i32).into(),
-                changed.into(),
-                conflicts.into(),
-            ],
-        );
-        if let Some(lsn) = origin_lsn {
-            run_kept(
-                client,
-                PROGRESS_SQL,
-                &[pg_sys::TEXTOID, pg_sys::TIMESTAMPTZOID],
-                &[lsn.into(), origin_commit.into()],
-            );
+        count(client, peer, elements.len() as i32, changed, conflicts);
+        if let Some(at) = origin_lsn {
+            // What pg_replication_origin_xact_setup does: the commit record
+            // carries the peer's position, so progress is exactly the
+            // applied transactions.
+            let commit = origin_commit.into_datum().map_or(0, |d| d.value() as i64);
+            unsafe {
+                pg_sys::replorigin_session_origin_lsn = lsn(at);
+                pg_sys::replorigin_session_origin_timestamp = commit;
+            }
         }
         changed
     })

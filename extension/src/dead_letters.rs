@@ -12,7 +12,6 @@ use pgrx::prelude::*;
 const KEPT_SQL: &str = "SELECT id::text, origin, intent FROM foreshadow.dead_letters \
      WHERE kind = $1 ORDER BY id FOR UPDATE";
 const DONE_SQL: &str = "DELETE FROM foreshadow.dead_letters WHERE id = $1::bigint";
-const COUNT_SQL: &str = "SELECT foreshadow.count_applied($1, 0, $2, $3)";
 
 /// Applies the dead letters kept for tables that were not global here and
 /// now are; returns how many were applied. Others stay (they are listed in
@@ -41,16 +40,7 @@ fn retry_dead_letters() -> i64 {
             }
             let o = apply_raw(client, origin, intent);
             run_kept(client, DONE_SQL, &[pg_sys::TEXTOID], &[id.as_str().into()]);
-            run_kept(
-                client,
-                COUNT_SQL,
-                &[pg_sys::TEXTOID, pg_sys::INT4OID, pg_sys::INT4OID],
-                &[
-                    origin.as_str().into(),
-                    (o.changed as i32).into(),
-                    (o.conflict as i32).into(),
-                ],
-            );
+            crate::apply::count(client, origin, 0, o.changed as i32, o.conflict as i32);
             applied += 1;
         }
         applied

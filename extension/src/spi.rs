@@ -61,10 +61,3 @@ pub fn run_kept<'a>(
     unsafe { pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable) };
     out
 }
-
-/// The first column of the first row, if any.
-pub fn first(rows: Vec<Vec<Option<String>>>) -> Option<String> {
-    rows.into_iter()
-        .next()
-        .and_then(|r| r.into_iter().next().flatten())
-}
