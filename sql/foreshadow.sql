@@ -4,7 +4,8 @@
 -- write logic is Rust only: nothing here runs once per row.
 --
 -- Every function that runs with the owner's rights (SECURITY DEFINER) pins
--- search_path, and every identifier that reaches dynamic SQL goes through
+-- search_path (but the capture trigger, whose only SQL qualifies every
+-- name), and every identifier that reaches dynamic SQL goes through
 -- format('%I') or a regclass.
 
 -- The conflict strategies this version knows. make_global refuses others.
@@ -269,10 +270,11 @@ $$;
 -- the intent exists exactly when the write commits. Its arguments (schema,
 -- table, strategy, key columns, counter columns) are set by refresh_table.
 -- It runs with the extension owner's rights so that writers need no access
--- to Foreshadow's catalog.
+-- to Foreshadow's catalog. Its search_path is not pinned (a setting change
+-- per written row): the only SQL it runs, a catalog lookup, qualifies every
+-- name (catalog.rs).
 CREATE FUNCTION foreshadow.capture() RETURNS trigger
 LANGUAGE c SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'capture_wrapper';
 
 -- Stores a counter column written as NULL as zero (Rust, capture.rs), so

@@ -24,24 +24,32 @@ thread_local! {
     static GENERATION: Cell<u64> = const { Cell::new(0) };
 }
 
+// These run in writers' sessions too (capture, SECURITY DEFINER, with the
+// writer's search_path, which is not pinned because that costs a setting
+// change per written row): every function, operator and type is
+// schema-qualified, so nothing a user puts on the search_path is used.
+
 /// A global table's handle here, by the names peers use.
-const RELID_SQL: &str =
-    "SELECT relid FROM foreshadow.tables WHERE schema_name = $1::name AND table_name = $2::name";
+const RELID_SQL: &str = "SELECT relid FROM foreshadow.tables \
+     WHERE schema_name OPERATOR(pg_catalog.=) $1::pg_catalog.name \
+       AND table_name OPERATOR(pg_catalog.=) $2::pg_catalog.name";
 /// What applying needs to know about a relation (a global table, or
 /// Foreshadow's own `row_versions`).
 const TABLE_SQL: &str = "SELECT c.oid, c.relowner, \
        pg_catalog.format('%I.%I', n.nspname, c.relname), coalesce(t.counter_cols, '{}'), \
-       pg_catalog.array_agg(a.attname::text ORDER BY a.attnum), \
-       pg_catalog.array_agg(a.attgenerated <> '' ORDER BY a.attnum), \
-       pg_catalog.array_agg(a.attnum::int4 ORDER BY a.attnum), \
+       pg_catalog.array_agg(a.attname::pg_catalog.text ORDER BY a.attnum), \
+       pg_catalog.array_agg(a.attgenerated OPERATOR(pg_catalog.<>) '' ORDER BY a.attnum), \
+       pg_catalog.array_agg(a.attnum::pg_catalog.int4 ORDER BY a.attnum), \
        pg_catalog.array_agg(a.atttypid ORDER BY a.attnum), \
        pg_catalog.array_agg(a.atttypmod ORDER BY a.attnum), \
-       (SELECT i.indexrelid FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
+       (SELECT i.indexrelid FROM pg_catalog.pg_index i \
+         WHERE i.indrelid OPERATOR(pg_catalog.=) c.oid AND i.indisprimary) \
      FROM pg_catalog.pg_class c \
-     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-     JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
-     LEFT JOIN foreshadow.tables t ON t.relid = c.oid \
-     WHERE c.oid = $1 \
+     JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+     JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) c.oid \
+       AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped \
+     LEFT JOIN foreshadow.tables t ON t.relid OPERATOR(pg_catalog.=) c.oid \
+     WHERE c.oid OPERATOR(pg_catalog.=) $1 \
      GROUP BY c.oid, c.relowner, n.nspname, c.relname, t.counter_cols";
 const VERSIONS_SQL: &str = "SELECT 'foreshadow.row_versions'::pg_catalog.regclass::pg_catalog.oid";
 
