@@ -23,7 +23,7 @@
 
 use crate::catalog::{self, Table};
 use crate::errors::raise;
-use crate::heap::{Heap, Values};
+use crate::heap::{Heap, Heaps, Values};
 use crate::row_versions::{Found, Store, Version};
 use crate::spi::run_kept;
 use foreshadow_model::lww::{incoming_wins, Stamp};
@@ -35,6 +35,7 @@ use pgrx::spi::SpiClient;
 use pgrx::AnyNumeric;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+use std::rc::Rc;
 
 const REJECT_SQL: &str = "INSERT INTO foreshadow.dead_letters (origin, kind, reason, intent) \
      VALUES ($1, $2, $3, $4)";
@@ -94,7 +95,7 @@ pub fn reject(client: &mut SpiClient<'_>, origin: &str, why: Reject, reason: &st
 /// The counter columns' new values: the value here (NULL counts as 0)
 /// plus the intent's increment.
 fn add_increments(
-    heap: &Heap<'_>,
+    heap: &Heap,
     t: &Table,
     i: &Intent,
     local: Option<*mut pg_sys::TupleTableSlot>,
@@ -149,7 +150,7 @@ fn arithmetic(a: &str, b: &str, subtract: bool) -> String {
 /// where the row is a tombstone here: then the write brings it back as the
 /// writer has it.
 fn row_values(
-    heap: &Heap<'_>,
+    heap: &Heap,
     t: &Table,
     i: &Intent,
     resurrects: bool,
@@ -212,10 +213,15 @@ enum RowState {
 /// Applies one well-formed intent to a global table: last writer wins, and
 /// counter columns add their increments whether the rest of the write
 /// wins or not. The user's row is written at the heap level, as its owner.
-pub fn apply_intent(client: &mut SpiClient<'_>, t: &Table, i: &Intent) -> Outcome {
+pub fn apply_intent(
+    client: &mut SpiClient<'_>,
+    heaps: &mut Heaps,
+    t: &Rc<Table>,
+    i: &Intent,
+) -> Outcome {
     check_fits(t, i);
     let versions = catalog::versions(client);
-    let (heap, store) = (Heap::open(t), Store::open(&versions));
+    let (heap, store) = (heaps.get(t), Store::new(heaps.get(&versions)));
     let key_text = Value::Object(i.key.clone()).to_string();
     let key = heap.values(&i.key);
     let row = match heap.find(&key) {
@@ -252,8 +258,8 @@ fn decide(
     i: &Intent,
     cur: Option<Found>,
     row: RowState,
-    heap: &Heap<'_>,
-    store: &Store<'_>,
+    heap: &Heap,
+    store: &Store,
     key_text: &str,
 ) -> Outcome {
     let here = cur.as_ref().map(|f| &f.version);
@@ -327,7 +333,7 @@ fn decide(
 /// Applies one intent as it arrived (JSON text), or keeps it as a dead
 /// letter if it can never apply here. `peer`: the region whose stream
 /// carried it; only that region's own writes are accepted from it.
-pub fn apply_raw(client: &mut SpiClient<'_>, peer: &str, raw: &str) -> Outcome {
+pub fn apply_raw(client: &mut SpiClient<'_>, heaps: &mut Heaps, peer: &str, raw: &str) -> Outcome {
     let i = match Intent::decode(raw.as_bytes()) {
         Ok(i) => i,
         Err(e) => {
@@ -358,7 +364,7 @@ pub fn apply_raw(client: &mut SpiClient<'_>, peer: &str, raw: &str) -> Outcome {
         reject(client, peer, Reject::NotGlobal, &reason, raw);
         return Outcome::default();
     };
-    let o = apply_intent(client, &t, &i);
+    let o = apply_intent(client, heaps, &t, &i);
     crate::clock::observe(i.hlc);
     o
 }
@@ -476,8 +482,9 @@ fn apply_transaction(
         // transaction id even when nothing here was written.
         unsafe { pg_sys::GetCurrentTransactionId() };
         let (mut changed, mut conflicts) = (0i32, 0i32);
+        let mut heaps = Heaps::default();
         for raw in &elements {
-            let o = apply_raw(client, peer, raw);
+            let o = apply_raw(client, &mut heaps, peer, raw);
             changed += o.changed as i32;
             conflicts += o.conflict as i32;
         }

@@ -148,7 +148,7 @@ fn record(
     // row's previous stamp (which may be a peer's, from a clock ahead of
     // this one), and the region's entry of the version vector up by one.
     let versions = Spi::connect_mut(crate::catalog::versions);
-    let store = Store::open(&versions);
+    let store = Store::new(Rc::new(crate::heap::Heap::open(versions)));
     let found = store.find(relid, &key_text);
     let here = found.as_ref().map(|f| &f.version);
     let mut vv = here.map(|v| v.vv.clone()).unwrap_or_default();

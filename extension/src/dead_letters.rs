@@ -29,6 +29,7 @@ fn retry_dead_letters() -> i64 {
             &[Reject::NotGlobal.kind().into()],
         );
         let mut applied = 0i64;
+        let mut heaps = crate::heap::Heaps::default();
         for row in kept {
             let [Some(id), Some(origin), Some(intent)] = &row[..] else {
                 continue;
@@ -38,7 +39,7 @@ fn retry_dead_letters() -> i64 {
             if !global {
                 continue;
             }
-            let o = apply_raw(client, origin, intent);
+            let o = apply_raw(client, &mut heaps, origin, intent);
             run_kept(client, DONE_SQL, &[pg_sys::TEXTOID], &[id.as_str().into()]);
             crate::apply::count(client, origin, 0, o.changed as i32, o.conflict as i32);
             applied += 1;

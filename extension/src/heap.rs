@@ -19,7 +19,9 @@ use crate::catalog::{Column, Table};
 use crate::rights::as_owner;
 use pgrx::pg_sys;
 use serde_json::{Map, Value};
+use std::collections::HashMap;
 use std::ffi::{CStr, CString};
+use std::rc::Rc;
 
 /// A row's values by attribute number (index = attnum - 1); `None`: NULL.
 /// Columns the intent does not carry are left out of `set`.
@@ -29,10 +31,11 @@ pub struct Values {
     set: Vec<bool>,
 }
 
-/// The executor state for writing one intent's row to one table; dropped
-/// (fired AFTER triggers, freed, closed) when the intent is done.
-pub struct Heap<'t> {
-    table: &'t Table,
+/// The executor state for writing rows of one table, kept for one apply
+/// call (all the intents of a peer transaction, or of a run of them) or
+/// one captured row; dropped (AFTER triggers fired, freed, closed) after.
+pub struct Heap {
+    table: Rc<Table>,
     rel: pg_sys::Relation,
     estate: *mut pg_sys::EState,
     relinfo: *mut pg_sys::ResultRelInfo,
@@ -70,8 +73,25 @@ unsafe fn node<T>(tag: pg_sys::NodeTag) -> *mut T {
     p
 }
 
-impl<'t> Heap<'t> {
-    pub fn open(table: &'t Table) -> Heap<'t> {
+/// The open tables of one apply call.
+#[derive(Default)]
+pub struct Heaps(HashMap<pg_sys::Oid, Rc<Heap>>);
+
+impl Heaps {
+    pub fn get(&mut self, table: &Rc<Table>) -> Rc<Heap> {
+        self.0
+            .entry(table.relid)
+            .or_insert_with(|| Rc::new(Heap::open(table.clone())))
+            .clone()
+    }
+}
+
+impl Heap {
+    pub fn table(&self) -> &Table {
+        &self.table
+    }
+
+    pub fn open(table: Rc<Table>) -> Heap {
         unsafe {
             let rel = pg_sys::table_open(table.relid, pg_sys::RowExclusiveLock as i32);
             let estate = pg_sys::CreateExecutorState();
@@ -231,6 +251,7 @@ impl<'t> Heap<'t> {
             let slot = self.slot(v, None);
             pg_sys::ExecSimpleRelationInsert(self.relinfo, self.estate, slot);
             pg_sys::CommandCounterIncrement();
+            pg_sys::UpdateActiveSnapshotCommandId();
         })
     }
 
@@ -260,6 +281,7 @@ impl<'t> Heap<'t> {
             f(&mut epq);
             pg_sys::EvalPlanQualEnd(&mut epq);
             pg_sys::CommandCounterIncrement();
+            pg_sys::UpdateActiveSnapshotCommandId();
         })
     }
 
@@ -286,7 +308,7 @@ fn nul_in_value(c: &Column) -> CString {
     )
 }
 
-impl Drop for Heap<'_> {
+impl Drop for Heap {
     fn drop(&mut self) {
         // After an error the transaction's abort frees and closes all this.
         if std::thread::panicking() {

@@ -11,6 +11,7 @@ use crate::heap::{Heap, Values};
 use foreshadow_model::{Hlc, VersionVector};
 use pgrx::pg_sys;
 use serde_json::{Map, Value};
+use std::rc::Rc;
 
 /// A row's version as stored.
 pub struct Version {
@@ -26,18 +27,18 @@ pub struct Found {
     pub version: Version,
 }
 
-/// `foreshadow.row_versions`, open for one row's version.
-pub struct Store<'t> {
-    heap: Heap<'t>,
-    table: &'t Table,
+/// `foreshadow.row_versions`, open.
+pub struct Store {
+    heap: Rc<Heap>,
 }
 
-impl<'t> Store<'t> {
-    pub fn open(table: &'t Table) -> Store<'t> {
-        Store {
-            heap: Heap::open(table),
-            table,
-        }
+impl Store {
+    pub fn new(heap: Rc<Heap>) -> Store {
+        Store { heap }
+    }
+
+    fn table(&self) -> &Table {
+        self.heap.table()
     }
 
     fn values(&self, fields: &[(&str, String)]) -> Values {
@@ -55,7 +56,7 @@ impl<'t> Store<'t> {
         let slot = self.heap.find(&search)?;
         let text = |name: &str| {
             let column = self
-                .table
+                .table()
                 .column(name)
                 .expect("row_versions has the column");
             self.heap.text_of(slot, column).unwrap_or_default()
