@@ -40,6 +40,13 @@ pub struct Heap {
     estate: *mut pg_sys::EState,
     relinfo: *mut pg_sys::ResultRelInfo,
     natts: usize,
+    /// Slots made once and reused for every row (each new slot pins the
+    /// table's descriptor in the resource owner, which a long run of
+    /// intents would make slow): the key searched for, the row found
+    /// (locked), and the row to write.
+    search: *mut pg_sys::TupleTableSlot,
+    local: *mut pg_sys::TupleTableSlot,
+    new: *mut pg_sys::TupleTableSlot,
 }
 
 /// Runs `f` with allocations in the executor state's memory, which is
@@ -110,12 +117,23 @@ impl Heap {
             pg_sys::AfterTriggerBeginQuery();
             pg_sys::ExecOpenIndices(relinfo, false);
             let natts = (*(*rel).rd_att).natts as usize;
+            let (search, local, new) = {
+                let _cxt = Switch::to((*estate).es_query_cxt);
+                let desc = (*rel).rd_att;
+                let search = pg_sys::ExecInitExtraTupleSlot(estate, desc, &pg_sys::TTSOpsVirtual);
+                let local = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
+                let new = pg_sys::ExecInitExtraTupleSlot(estate, desc, &pg_sys::TTSOpsVirtual);
+                (search, local, new)
+            };
             Heap {
                 table,
                 rel,
                 estate,
                 relinfo,
                 natts,
+                search,
+                local,
+                new,
             }
         }
     }
@@ -179,28 +197,28 @@ impl Heap {
     pub fn find(&self, key: &Values) -> Option<*mut pg_sys::TupleTableSlot> {
         as_owner(self.table.owner, || unsafe {
             let _cxt = Switch::to(self.cxt());
-            let search = self.slot(key, None);
-            let local = pg_sys::table_slot_create(self.rel, &mut (*self.estate).es_tupleTable);
+            let search = self.fill(self.search, key, None);
             let found = pg_sys::RelationFindReplTupleByIndex(
                 self.rel,
                 self.table.pk_index,
                 pg_sys::LockTupleMode::LockTupleExclusive,
                 search,
-                local,
+                self.local,
             );
-            found.then_some(local)
+            found.then_some(self.local)
         })
     }
 
-    /// A virtual slot with `v`'s values over `base`'s (or defaults where
-    /// `base` is None and the column is not set: evaluated as INSERT does).
-    unsafe fn slot(
+    /// The virtual slot `slot`, emptied and filled with `v`'s values over
+    /// `base`'s (NULL where `base` is None and the column is not set).
+    unsafe fn fill(
         &self,
+        slot: *mut pg_sys::TupleTableSlot,
         v: &Values,
         base: Option<*mut pg_sys::TupleTableSlot>,
     ) -> *mut pg_sys::TupleTableSlot {
-        let desc = (*self.rel).rd_att;
-        let slot = pg_sys::ExecInitExtraTupleSlot(self.estate, desc, &pg_sys::TTSOpsVirtual);
+        let clear = (*(*slot).tts_ops).clear.expect("a slot can be cleared");
+        clear(slot);
         if let Some(b) = base {
             pg_sys::slot_getsomeattrs_int(b, self.natts as i32);
         }
@@ -248,7 +266,7 @@ impl Heap {
     pub fn insert(&self, v: &Values) {
         as_owner(self.table.owner, || unsafe {
             let _cxt = Switch::to(self.cxt());
-            let slot = self.slot(v, None);
+            let slot = self.fill(self.new, v, None);
             pg_sys::ExecSimpleRelationInsert(self.relinfo, self.estate, slot);
             pg_sys::CommandCounterIncrement();
             pg_sys::UpdateActiveSnapshotCommandId();
@@ -258,7 +276,7 @@ impl Heap {
     /// Overwrites the set columns of the locked row `local`.
     pub fn update(&self, local: *mut pg_sys::TupleTableSlot, v: &Values) {
         self.with_epq(|epq| unsafe {
-            let slot = self.slot(v, Some(local));
+            let slot = self.fill(self.new, v, Some(local));
             (*epq).origslot = slot;
             pg_sys::ExecSimpleRelationUpdate(self.relinfo, self.estate, epq, local, slot);
         });
