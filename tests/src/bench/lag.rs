@@ -84,9 +84,9 @@ pub async fn run(opts: &BenchOptions, report: &mut Report) -> Result<(), String>
     report.targets(&[
         Target {
             name: "Foreshadow lag p99 minus WAN",
-            wanted: "≤ 50 ms at 1000 rows/s",
+            wanted: "≤ 10 ms at 1000 rows/s",
             value: round2(fs_p99),
-            met: (opts.rate >= 1000).then_some(fs_p99 <= 50.0),
+            met: (opts.rate >= 1000).then_some(fs_p99 <= 10.0),
         },
         Target {
             name: "apply throughput per region: Foreshadow vs pglogical",
