@@ -5,7 +5,8 @@
 //! so it is Rust with one kept plan (it was plpgsql calling plpgsql).
 
 use crate::row_versions::{Store, Version};
-use foreshadow_model::Hlc;
+use foreshadow_model::intent::{MESSAGE_PREFIX, WIRE_VERSION};
+use foreshadow_model::{Hlc, Intent, IntentClass, Op};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgTupleDesc;
@@ -137,13 +138,13 @@ fn key_of(row: &Map<String, Value>, pk: &[String]) -> Map<String, Value> {
 fn record(
     relid: pg_sys::Oid,
     t: &TableArgs,
-    op: &str,
+    op: Op,
     key: Map<String, Value>,
-    row: Option<&Map<String, Value>>,
+    row: Option<Map<String, Value>>,
     delta: Option<Map<String, Value>>,
 ) {
     let region = crate::gucs::region();
-    let key_text = Value::Object(key).to_string();
+    let key_text = serde_json::to_string(&key).expect("a key serialises");
     // The row's new version: a stamp from the region's clock above the
     // row's previous stamp (which may be a peer's, from a clock ahead of
     // this one), and the region's entry of the version vector up by one.
@@ -157,36 +158,32 @@ fn record(
         hlc: crate::clock::stamp_above(here.map_or(Hlc(0), |v| v.hlc)),
         origin: region.clone(),
         vv,
-        deleted: op == "delete",
+        deleted: op == Op::Delete,
     };
     store.write(found.as_ref(), relid, &key_text, &version);
     drop(store);
-    let hlc = version.hlc.0;
-    let vv = serde_json::to_string(&version.vv).expect("a version vector serialises");
-    let q = |s: &str| Value::String(s.to_string()).to_string();
-    let delta = delta
-        .map(|d| Value::Object(d).to_string())
-        .unwrap_or_else(|| "null".into());
-    let row = row.map_or_else(
-        || "null".into(),
-        |r| serde_json::to_string(r).expect("a row serialises"),
-    );
-    let intent = format!(
-        "{{\"v\":{},\"origin\":{},\"hlc\":{hlc},\"schema\":{},\"table\":{},\"op\":{},\"key\":{key_text},\
-         \"row\":{row},\"vv\":{vv},\"delta\":{delta},\"strategy\":{},\"class\":\"data\"}}",
-        foreshadow_model::intent::WIRE_VERSION,
-        q(&region),
-        q(&t.schema),
-        q(&t.table),
-        q(op),
-        q(&t.strategy),
-    );
+    // The one wire type (model/src/intent.rs).
+    let intent = Intent {
+        v: WIRE_VERSION,
+        origin: region,
+        hlc: version.hlc,
+        schema: t.schema.clone(),
+        table: t.table.clone(),
+        op,
+        key,
+        row,
+        vv: version.vv,
+        delta,
+        strategy: t.strategy.clone(),
+        class: IntentClass::Data,
+    };
+    let intent = String::from_utf8(intent.encode()).expect("JSON is UTF-8");
     unsafe {
         pgrx::direct_function_call_as_datum(
             pg_sys::pg_logical_emit_message_text,
             &[
                 true.into_datum(),
-                foreshadow_model::intent::MESSAGE_PREFIX.into_datum(),
+                MESSAGE_PREFIX.into_datum(),
                 intent.as_str().into_datum(),
             ],
         );
@@ -222,13 +219,13 @@ fn capture<'a>(
         (Some(p.print(desc, data.tg_trigtuple)), None)
     };
     match (&old_row, &new_row) {
-        (Some(o), None) => record(relid, &t, "delete", key_of(o, &t.pk), None, None),
+        (Some(o), None) => record(relid, &t, Op::Delete, key_of(o, &t.pk), None, None),
         (_, Some(n)) => {
             let key = key_of(n, &t.pk);
             let op = if old_row.is_some() {
-                "update"
+                Op::Update
             } else {
-                "insert"
+                Op::Insert
             };
             if let Some(o) = &old_row {
                 let old_key = key_of(o, &t.pk);
@@ -249,7 +246,7 @@ fn capture<'a>(
             }
             let delta =
                 (!t.counters.is_empty()).then(|| counter_delta(&t.counters, old_row.as_ref(), n));
-            record(relid, &t, op, key, Some(n), delta);
+            record(relid, &t, op, key, Some(n.clone()), delta);
         }
         (None, None) => {}
     }
@@ -357,7 +354,7 @@ fn announce_rows(
             };
             for row in rows {
                 let key = key_of(&row, &t.pk);
-                record(tbl, &t, "insert", key, Some(&row), None);
+                record(tbl, &t, Op::Insert, key, Some(row), None);
             }
         }
     });
