@@ -236,6 +236,29 @@ mod tests {
         );
     }
 
+    /// Capture runs with the writer's search_path (pinning it would cost a
+    /// setting change per row): its catalog lookup must not use anything a
+    /// user put ahead of pg_catalog.
+    #[pg_test]
+    fn capture_ignores_a_hostile_search_path() {
+        Spi::run("CREATE SCHEMA evil").unwrap();
+        Spi::run(
+            "CREATE FUNCTION evil.trap(oid, oid) RETURNS boolean LANGUAGE plpgsql \
+             AS $$ BEGIN RAISE EXCEPTION 'a user''s operator ran in capture'; END $$",
+        )
+        .unwrap();
+        Spi::run("CREATE OPERATOR evil.= (LEFTARG = oid, RIGHTARG = oid, FUNCTION = evil.trap)")
+            .unwrap();
+        // make_global invalidates the cached catalog: capture reads it again.
+        setup_accounts();
+        Spi::run("SET search_path = evil, pg_catalog, public").unwrap();
+        Spi::run("INSERT INTO public.accounts VALUES (1, 'ann', 10)").unwrap();
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM foreshadow.row_versions"),
+            Ok(Some(1))
+        );
+    }
+
     #[pg_test]
     fn null_counter_is_stored_as_zero() {
         setup_counters();
