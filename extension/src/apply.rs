@@ -222,7 +222,7 @@ pub fn apply_intent(
     check_fits(t, i);
     let versions = catalog::versions(client);
     let (heap, store) = (heaps.get(t), Store::new(heaps.get(&versions)));
-    let key_text = Value::Object(i.key.clone()).to_string();
+    let key_text = serde_json::to_string(&i.key).expect("a key serialises");
     let key = heap.values(&i.key);
     let row = match heap.find(&key) {
         Some(local) => RowState::Locked(local),
@@ -240,7 +240,7 @@ pub fn apply_intent(
         }
     };
     let cur = store.find(t.relid, &key_text);
-    let o = decide(t, i, cur, row, &heap, &store, &key_text);
+    let o = decide(t, i, cur, row, &heap, &store, (&key, &key_text));
     if row == RowState::Inserted && !o.changed {
         // The write lost to the version here (a newer delete): the row
         // claimed for it goes again.
@@ -260,7 +260,7 @@ fn decide(
     row: RowState,
     heap: &Heap,
     store: &Store,
-    key_text: &str,
+    (key, key_text): (&Values, &str),
 ) -> Outcome {
     let here = cur.as_ref().map(|f| &f.version);
     let mut vv = here.map(|c| c.vv.clone()).unwrap_or_default();
@@ -310,8 +310,7 @@ fn decide(
         // A row brought back over a tombstone takes the writer's counter
         // values, not the increments it was inserted with.
         (_, RowState::Inserted) if deleted_here && !t.counters.is_empty() => {
-            let key = heap.values(&i.key);
-            if let Some(local) = heap.find(&key) {
+            if let Some(local) = heap.find(key) {
                 heap.update(local, &row_values(heap, t, i, true, None));
             }
         }

@@ -218,10 +218,10 @@ fn capture<'a>(
     } else {
         (Some(p.print(desc, data.tg_trigtuple)), None)
     };
-    match (&old_row, &new_row) {
+    match (&old_row, new_row) {
         (Some(o), None) => record(relid, &t, Op::Delete, key_of(o, &t.pk), None, None),
         (_, Some(n)) => {
-            let key = key_of(n, &t.pk);
+            let key = key_of(&n, &t.pk);
             let op = if old_row.is_some() {
                 Op::Update
             } else {
@@ -245,8 +245,8 @@ fn capture<'a>(
                 }
             }
             let delta =
-                (!t.counters.is_empty()).then(|| counter_delta(&t.counters, old_row.as_ref(), n));
-            record(relid, &t, op, key, Some(n.clone()), delta);
+                (!t.counters.is_empty()).then(|| counter_delta(&t.counters, old_row.as_ref(), &n));
+            record(relid, &t, op, key, Some(n), delta);
         }
         (None, None) => {}
     }

@@ -49,15 +49,9 @@ pub struct Heap {
     new: *mut pg_sys::TupleTableSlot,
 }
 
-/// Runs `f` with allocations in the executor state's memory, which is
-/// freed when the intent is done (a million-row transaction must not keep
-/// every row's datums until it ends).
-unsafe fn in_context<R>(cxt: pg_sys::MemoryContext, f: impl FnOnce() -> R) -> R {
-    let _back = Switch::to(cxt);
-    f()
-}
-
-/// The current memory context until dropped.
+/// Allocations go to the executor state's memory until dropped: it is
+/// freed when the apply call is done, so a long transaction's rows are not
+/// kept in the function's memory until it ends.
 struct Switch(pg_sys::MemoryContext);
 
 impl Switch {
@@ -186,9 +180,8 @@ impl Heap {
             s.as_ptr() as *mut std::ffi::c_char
         });
         unsafe {
-            v.datums[i] = in_context(self.cxt(), || {
-                pg_sys::OidInputFunctionCall(c.input, ptr, c.ioparam, c.typmod)
-            });
+            let _cxt = Switch::to(self.cxt());
+            v.datums[i] = pg_sys::OidInputFunctionCall(c.input, ptr, c.ioparam, c.typmod);
         }
         v.nulls[i] = text.is_none();
     }

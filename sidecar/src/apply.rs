@@ -197,7 +197,7 @@ impl ApplySession {
                     }
                     // Another writer got there first (the same new key, a
                     // lock): the transaction rolled back whole; again, here.
-                    Err(e) if retryable(&e) && retries < RETRIES => {
+                    Err(e) if crate::error::met_concurrent_writer(&e) && retries < RETRIES => {
                         retries += 1;
                         tracing::debug!(peer = %self.peer, error = %e, retries, "retrying a peer transaction");
                         tokio::time::sleep(Duration::from_millis(10 * u64::from(retries))).await;
@@ -367,16 +367,6 @@ fn units(rest: &[(&Transaction, String)], offset: usize, group: bool) -> Vec<Uni
         });
     }
     out
-}
-
-/// A failure caused by a concurrent writer, which the same transaction
-/// does not meet again a moment later: a key inserted meanwhile, a lock
-/// that could not be had in time, a deadlock, a serialization failure.
-fn retryable(e: &tokio_postgres::Error) -> bool {
-    matches!(
-        e.code().map(|c| c.code()),
-        Some("23505") | Some("55P03") | Some("40P01") | Some("40001")
-    )
 }
 
 /// A peer transaction's intents as one JSON array. What is not JSON at all

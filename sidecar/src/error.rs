@@ -68,6 +68,16 @@ impl Error {
     }
 }
 
+/// A failure caused by a concurrent writer, which the same transaction
+/// does not meet again a moment later: a key inserted meanwhile, a lock
+/// that could not be had in time, a deadlock, a serialization failure.
+pub fn met_concurrent_writer(e: &tokio_postgres::Error) -> bool {
+    matches!(
+        e.code().map(|c| c.code()),
+        Some("23505") | Some("55P03") | Some("40P01") | Some("40001")
+    )
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.context, self.message)
