@@ -59,6 +59,9 @@ pub struct Outcome {
 /// Why an intent can never apply here (a dead letter's `kind`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reject {
+    /// The sidecar found that the message was not sealed by the peer's
+    /// capture (`foreshadow_model::seal`): emitted by hand.
+    Forged,
     Malformed,
     WrongOrigin,
     NotGlobal,
@@ -67,10 +70,34 @@ pub enum Reject {
 impl Reject {
     pub fn kind(self) -> &'static str {
         match self {
+            Reject::Forged => "forged",
             Reject::Malformed => "malformed",
             Reject::WrongOrigin => "wrong_origin",
             Reject::NotGlobal => "not_global",
         }
+    }
+}
+
+/// A message the sidecar refused to pass on as an intent, handed over so
+/// that it is kept and counted in the transaction that moves past it.
+#[derive(serde::Deserialize)]
+struct Rejected {
+    reason: String,
+    message: String,
+}
+
+impl Rejected {
+    /// The element as a rejected message, if it is one (an intent never
+    /// starts with this key: its first is `v`).
+    fn of(raw: &str) -> Option<Rejected> {
+        #[derive(serde::Deserialize)]
+        struct Wrapper {
+            rejected: Rejected,
+        }
+        raw.starts_with("{\"rejected\":")
+            .then(|| serde_json::from_str::<Wrapper>(raw).ok())
+            .flatten()
+            .map(|w| w.rejected)
     }
 }
 
@@ -333,6 +360,10 @@ fn decide(
 /// letter if it can never apply here. `peer`: the region whose stream
 /// carried it; only that region's own writes are accepted from it.
 pub fn apply_raw(client: &mut SpiClient<'_>, heaps: &mut Heaps, peer: &str, raw: &str) -> Outcome {
+    if let Some(r) = Rejected::of(raw) {
+        reject(client, peer, Reject::Forged, &r.reason, &r.message);
+        return Outcome::default();
+    }
     let i = match Intent::decode(raw.as_bytes()) {
         Ok(i) => i,
         Err(e) => {
@@ -363,6 +394,7 @@ pub fn apply_raw(client: &mut SpiClient<'_>, heaps: &mut Heaps, peer: &str, raw:
         reject(client, peer, Reject::NotGlobal, &reason, raw);
         return Outcome::default();
     };
+    crate::clock::admit(i.hlc);
     let o = apply_intent(client, heaps, &t, &i);
     crate::clock::observe(i.hlc);
     o

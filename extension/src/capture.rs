@@ -15,8 +15,10 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-/// What the capture trigger is told about its table (trigger arguments set
-/// by `foreshadow.refresh_table`).
+/// What capture needs to know about a global table, from Foreshadow's
+/// registry (`foreshadow.tables`), never from the trigger's arguments: a
+/// role that attaches `foreshadow.capture()` to a table of its own cannot
+/// make it speak for another table.
 struct TableArgs {
     schema: String,
     table: String,
@@ -25,26 +27,69 @@ struct TableArgs {
     counters: Vec<String>,
 }
 
-fn table_args(args: &[String]) -> TableArgs {
-    let list = |i: usize| -> Vec<String> {
-        args.get(i)
-            .and_then(|a| serde_json::from_str(a).ok())
-            .unwrap_or_default()
-    };
-    match args {
-        [schema, table, strategy, ..] if args.len() == 5 => TableArgs {
-            schema: schema.clone(),
-            table: table.clone(),
-            strategy: strategy.clone(),
-            pk: list(3),
-            counters: list(4),
-        },
-        _ => crate::errors::raise(
-            PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION,
-            "foreshadow.capture() called with the wrong arguments",
-            "Call foreshadow.refresh_table() on the table to recreate its capture trigger.",
-        ),
+// Fully qualified: capture runs with the writer's search_path.
+const REGISTRY_SQL: &str =
+    "SELECT schema_name::pg_catalog.text, table_name::pg_catalog.text, strategy, \
+     pk_cols, counter_cols FROM foreshadow.tables WHERE relid OPERATOR(pg_catalog.=) $1";
+const LINK_KEY_SQL: &str = "SELECT key FROM foreshadow.link_key";
+
+fn registered(relid: pg_sys::Oid) -> TableArgs {
+    let found = Spi::connect_mut(|client| {
+        let plan = crate::spi::kept_plan(client, REGISTRY_SQL, &[pg_sys::OIDOID]);
+        let rows = client
+            .select(&*plan, None, &[relid.into()])
+            .unwrap_or_else(|e| panic!("{REGISTRY_SQL}: {e}"));
+        let row = rows.into_iter().next()?;
+        let text = |i| row.get::<String>(i).ok().flatten().unwrap_or_default();
+        let list = |i| row.get::<Vec<String>>(i).ok().flatten().unwrap_or_default();
+        Some(TableArgs {
+            schema: text(1),
+            table: text(2),
+            strategy: text(3),
+            pk: list(4),
+            counters: list(5),
+        })
+    });
+    found.unwrap_or_else(|| {
+        let name = unsafe { pg_sys::get_rel_name(relid) };
+        let name = if name.is_null() {
+            format!("{relid:?}")
+        } else {
+            unsafe { std::ffi::CStr::from_ptr(name) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        crate::errors::raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("foreshadow.capture() fired on table \"{name}\", which is not a global table"),
+            "Only foreshadow.make_global() attaches Foreshadow's capture trigger; drop this trigger.",
+        )
+    })
+}
+
+/// This region's link key, which seals every intent (model's `seal`): read
+/// once per backend, with the extension owner's rights (capture is
+/// SECURITY DEFINER); only the owner and the peers' sidecars can read it.
+fn link_key() -> Rc<Vec<u8>> {
+    thread_local! {
+        static KEY: RefCell<Option<Rc<Vec<u8>>>> = const { RefCell::new(None) };
     }
+    if let Some(k) = KEY.with(|k| k.borrow().clone()) {
+        return k;
+    }
+    let key = Spi::connect_mut(|client| {
+        let plan = crate::spi::kept_plan(client, LINK_KEY_SQL, &[]);
+        let rows = client
+            .select(&*plan, None, &[])
+            .unwrap_or_else(|e| panic!("{LINK_KEY_SQL}: {e}"));
+        rows.into_iter()
+            .next()
+            .and_then(|r| r.get::<Vec<u8>>(1).ok().flatten())
+    })
+    .expect("foreshadow.link_key has its row");
+    let key = Rc::new(key);
+    KEY.with(|k| *k.borrow_mut() = Some(key.clone()));
+    key
 }
 
 /// How to print a relation's rows: each column's name and output
@@ -110,21 +155,26 @@ impl Printer {
     }
 }
 
+/// A global table's registry entry and printer.
+type Captured = Rc<(TableArgs, Printer)>;
+
 thread_local! {
-    /// Printers by table, with the relcache generation they were made in.
-    static PRINTERS: RefCell<HashMap<pg_sys::Oid, (u64, Rc<Printer>)>> = RefCell::new(HashMap::new());
+    /// By table, with the relcache generation they were read in (every
+    /// change to a table's registry entry recreates its capture trigger,
+    /// which invalidates its relcache entry).
+    static CAPTURED: RefCell<HashMap<pg_sys::Oid, (u64, Captured)>> = RefCell::new(HashMap::new());
 }
 
-fn printer(relid: pg_sys::Oid, desc: pg_sys::TupleDesc) -> Rc<Printer> {
+fn captured(relid: pg_sys::Oid, desc: pg_sys::TupleDesc) -> Captured {
     let generation = crate::catalog::generation();
-    if let Some((g, p)) = PRINTERS.with(|c| c.borrow().get(&relid).cloned()) {
+    if let Some((g, c)) = CAPTURED.with(|c| c.borrow().get(&relid).cloned()) {
         if g == generation {
-            return p;
+            return c;
         }
     }
-    let p = Rc::new(Printer::new(desc));
-    PRINTERS.with(|c| c.borrow_mut().insert(relid, (generation, p.clone())));
-    p
+    let c = Rc::new((registered(relid), Printer::new(desc)));
+    CAPTURED.with(|m| m.borrow_mut().insert(relid, (generation, c.clone())));
+    c
 }
 
 fn key_of(row: &Map<String, Value>, pk: &[String]) -> Map<String, Value> {
@@ -177,7 +227,8 @@ fn record(
         strategy: t.strategy.clone(),
         class: IntentClass::Data,
     };
-    let intent = String::from_utf8(intent.encode()).expect("JSON is UTF-8");
+    let sealed = foreshadow_model::seal::seal(&link_key(), &intent.encode());
+    let intent = String::from_utf8(sealed).expect("hex and JSON are UTF-8");
     unsafe {
         pgrx::direct_function_call_as_datum(
             pg_sys::pg_logical_emit_message_text,
@@ -201,11 +252,11 @@ fn capture<'a>(
     if crate::versions::suppressed() {
         return Ok(None);
     }
-    let t = table_args(&trigger.extra_args()?);
     let relid = trigger.relid()?;
     let data = trigger.trigger_data();
     let desc = unsafe { (*data.tg_relation).rd_att };
-    let p = printer(relid, desc);
+    let c = captured(relid, desc);
+    let (t, p) = (&c.0, &c.1);
     let event = data.tg_event;
     let fired_by = |e: u32| event & pg_sys::TRIGGER_EVENT_OPMASK == e;
     let (old_row, new_row) = if fired_by(pg_sys::TRIGGER_EVENT_INSERT) {
@@ -219,7 +270,7 @@ fn capture<'a>(
         (Some(p.print(desc, data.tg_trigtuple)), None)
     };
     match (&old_row, new_row) {
-        (Some(o), None) => record(relid, &t, Op::Delete, key_of(o, &t.pk), None, None),
+        (Some(o), None) => record(relid, t, Op::Delete, key_of(o, &t.pk), None, None),
         (_, Some(n)) => {
             let key = key_of(&n, &t.pk);
             let op = if old_row.is_some() {
@@ -246,7 +297,7 @@ fn capture<'a>(
             }
             let delta =
                 (!t.counters.is_empty()).then(|| counter_delta(&t.counters, old_row.as_ref(), &n));
-            record(relid, &t, op, key, Some(n), delta);
+            record(relid, t, op, key, Some(n), delta);
         }
         (None, None) => {}
     }
@@ -317,24 +368,12 @@ fn counter_nulls<'a>(
 /// (`make_global(..., announce_existing => true)`). Read through a cursor,
 /// a batch at a time, printed as capture prints rows.
 #[pg_extern(volatile, parallel_unsafe)]
-fn announce_rows(
-    tbl: pg_sys::Oid,
-    schema_name: &str,
-    table_name: &str,
-    strategy: &str,
-    pk: Vec<String>,
-) {
-    let t = TableArgs {
-        schema: schema_name.into(),
-        table: table_name.into(),
-        strategy: strategy.into(),
-        pk,
-        counters: Vec::new(),
-    };
+fn announce_rows(tbl: pg_sys::Oid) {
+    let t = registered(tbl);
     let query = format!(
         "SELECT * FROM {}.{}",
-        crate::catalog::ident(schema_name),
-        crate::catalog::ident(table_name)
+        crate::catalog::ident(&t.schema),
+        crate::catalog::ident(&t.table)
     );
     Spi::connect_mut(|client| {
         let mut cursor = client.open_cursor(&query, &[]);

@@ -41,22 +41,33 @@ pub fn stamp_above(floor: Hlc) -> Hlc {
     tick(floor)
 }
 
-/// The stamp for a local write to a row last stamped `floor` (NULL: new row).
-#[pg_extern(volatile, parallel_unsafe)]
-fn hlc_next(floor: Option<i64>) -> i64 {
-    tick(Hlc(floor.unwrap_or(0).max(0) as u64)).0 as i64
-}
-
 /// Records that this region has seen a peer's stamp: later local stamps
 /// are above it.
 pub fn observe(remote: Hlc) {
     CLOCK.get().fetch_max(remote.0, Ordering::AcqRel);
 }
 
-/// Records that this region has seen a peer's stamp.
-#[pg_extern(volatile, parallel_unsafe, strict)]
-fn hlc_observe(remote: i64) {
-    observe(Hlc(remote.max(0) as u64));
+/// Refuses a peer's stamp that is further ahead of this region's wall
+/// clock than `foreshadow.max_clock_offset`: adopting it would drag this
+/// region's clock (and every later local stamp) ahead with it, so that
+/// one region with a wrong clock, or one forged stamp, could win every
+/// conflict or overflow the stamps. The error stops the peer's lane; its
+/// writes are held, not skipped, and apply once the wall clock catches up.
+pub fn admit(remote: Hlc) {
+    let now = now_ms();
+    let max = crate::gucs::MAX_CLOCK_OFFSET_MS.get().max(1) as u64;
+    if remote.millis() > now + max {
+        crate::errors::raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "clock offset: a peer's write is stamped {} ms ahead of this region's clock \
+                 (foreshadow.max_clock_offset is {max} ms)",
+                remote.millis() - now
+            ),
+            "Its region's clock runs ahead, or this one's behind: fix the clocks (NTP). \
+             The peer's writes are held and apply once the offset is within bounds.",
+        );
+    }
 }
 
 /// Human-readable form of a stamp: `milliseconds.counter`.

@@ -10,7 +10,22 @@ use std::ffi::CString;
 /// be unique among the regions and must not change while the cluster runs.
 pub static REGION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
+/// How far ahead of this region's wall clock a peer's stamp may be before
+/// its writes are held (clock.rs): a bound on clock skew between regions,
+/// as CockroachDB's `max-offset`.
+pub static MAX_CLOCK_OFFSET_MS: GucSetting<i32> = GucSetting::<i32>::new(500);
+
 pub fn init() {
+    GucRegistry::define_int_guc(
+        c"foreshadow.max_clock_offset",
+        c"Largest clock offset accepted from a peer region.",
+        c"A peer's write stamped further ahead of this region's wall clock is held (its lane stops, with an alert) until the wall clock catches up.",
+        &MAX_CLOCK_OFFSET_MS,
+        1,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
     GucRegistry::define_string_guc(
         c"foreshadow.region",
         c"Name of this primary's region (unique among all regions).",

@@ -65,18 +65,106 @@ mod tests {
 
     #[pg_test]
     fn hlc_is_monotonic_and_above_floor() {
-        let a = Spi::get_one::<i64>("SELECT foreshadow.hlc_next(NULL)")
-            .unwrap()
-            .unwrap();
-        let b = Spi::get_one::<i64>("SELECT foreshadow.hlc_next(NULL)")
-            .unwrap()
-            .unwrap();
+        use foreshadow_model::Hlc;
+        let a = crate::clock::stamp_above(Hlc(0));
+        let b = crate::clock::stamp_above(Hlc(0));
         assert!(b > a);
-        let far = b + (1_i64 << 40);
-        let c = Spi::get_one::<i64>(&format!("SELECT foreshadow.hlc_next({far})"))
+        let far = Hlc(b.0 + (1 << 20));
+        assert!(crate::clock::stamp_above(far) > far);
+    }
+
+    /// A peer's stamp too far ahead of the wall clock is not adopted: the
+    /// peer transaction raises (its lane stops and retries), nothing applies.
+    #[pg_test]
+    fn a_stamp_from_the_future_is_held() {
+        setup_accounts();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
+            .as_millis() as u64;
+        let ahead = foreshadow_model::Hlc::from_millis(now_ms + 60_000).0;
+        let batch = format!(
+            r#"[{{"v":2,"origin":"peer","hlc":{ahead},"schema":"public","table":"accounts","op":"insert","key":{{"id":5}},"row":{{"id":5,"owner":"p","balance":1}},"vv":{{"peer":1}},"strategy":"lww","class":"data"}}]"#
+        );
+        let message = PgTryBuilder::new(|| {
+            apply(&batch);
+            String::new()
+        })
+        .catch_others(|e| match e {
+            pg_sys::panic::CaughtError::PostgresError(r) => r.message().to_string(),
+            _ => "another error".into(),
+        })
+        .execute();
+        assert!(
+            message.starts_with("clock offset: a peer's write is stamped 59"),
+            "{message}"
+        );
+        assert!(message.ends_with("(foreshadow.max_clock_offset is 500 ms)"), "{message}");
+    }
+
+    /// No role but the extension owner's delegates can call anything
+    /// internal: only pure helpers and read-only functions are public.
+    #[pg_test]
+    fn nothing_internal_is_executable_by_public() {
+        Spi::run("CREATE ROLE plain LOGIN").unwrap();
+        let callable = Spi::get_one::<Vec<String>>(
+            "SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p \
+             WHERE p.pronamespace = 'foreshadow'::regnamespace \
+               AND has_function_privilege('plain', p.oid, 'EXECUTE')",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            callable,
+            [
+                "capture_suppressed",
+                "hlc_text",
+                "lww_wins",
+                "region_name",
+                "table_digest",
+                "vv_bump",
+                "vv_compare",
+                "vv_merge"
+            ]
+        );
+        assert_eq!(
+            Spi::get_one::<bool>(
+                "SELECT has_table_privilege('plain', 'foreshadow.link_key', 'SELECT')"
+            ),
+            Ok(Some(false))
+        );
+    }
+
+    /// Capture speaks only for the table it fires on, and only if that
+    /// table is global: attached by hand elsewhere it refuses the write.
+    #[pg_test(error = "foreshadow.capture() fired on table \"mine\", which is not a global table")]
+    fn capture_attached_to_another_table_refuses() {
+        setup_accounts();
+        Spi::run("CREATE TABLE public.mine (id int PRIMARY KEY, owner text, balance bigint)")
             .unwrap();
-        assert!(c > far);
+        Spi::run(
+            "CREATE TRIGGER t AFTER INSERT ON public.mine FOR EACH ROW \
+             EXECUTE FUNCTION foreshadow.capture('public', 'accounts', 'lww', '[\"id\"]', '[]')",
+        )
+        .unwrap();
+        Spi::run("INSERT INTO public.mine VALUES (1, 'x', 1)").unwrap();
+    }
+
+    /// A message the sidecar found unsealed is kept as a forged dead letter
+    /// in the transaction that moves past it, and nothing of it applies.
+    #[pg_test]
+    fn forged_messages_are_kept_not_applied() {
+        setup_accounts();
+        let forged = r#"[{"rejected":{"reason":"the seal does not match","message":"{\"v\":2}"}}]"#;
+        assert_eq!(apply(forged), 0);
+        assert_eq!(
+            Spi::get_two::<String, String>("SELECT kind, intent FROM foreshadow.dead_letters"),
+            Ok((Some("forged".into()), Some(r#"{"v":2}"#.into())))
+        );
+        assert_eq!(
+            Spi::get_one::<String>("SELECT alert FROM foreshadow.alerts"),
+            Ok(Some("rejected".into()))
+        );
     }
 
     #[pg_test]

@@ -6,6 +6,7 @@ pub mod hlc;
 pub mod intent;
 pub mod lww;
 pub mod ownership;
+pub mod seal;
 pub mod strategy;
 pub mod vv;
 

@@ -8,6 +8,7 @@ mod connect;
 pub mod error;
 mod peer;
 pub mod pgoutput;
+mod seals;
 pub mod shutdown;
 pub mod slot;
 pub mod stream;

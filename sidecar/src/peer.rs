@@ -9,6 +9,7 @@ use crate::config::{ApplyConfig, Config, Peer};
 use crate::connect::connect;
 use crate::error::{Error, Kind};
 use crate::pgoutput::{Grouper, Lsn, Transaction};
+use crate::seals::LinkKey;
 use crate::stream::{Event, ReplicationStream};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -96,9 +97,12 @@ async fn session(
     let timeout = config.apply.peer_timeout();
     let local = connect(&config.primary, "this region's primary", timeout).await?;
     let mut apply = ApplySession::open(local, &peer.name).await?;
-    let slot = {
+    let (slot, key) = {
         let remote = connect(&peer.dsn, &format!("peer {}", peer.name), timeout).await?;
-        crate::slot::ensure(&remote, &peer.name, &config.region, timeout).await?
+        (
+            crate::slot::ensure(&remote, &peer.name, &config.region, timeout).await?,
+            LinkKey::read(&remote, &peer.name, timeout).await?,
+        )
     };
     // Where applying resumes: the last commit here, flushed or not (the
     // in-memory origin position, which is what `apply_transaction` checks).
@@ -124,7 +128,8 @@ async fn session(
                 match event? {
                     Event::Data(data) => {
                         let done = grouper.feed(&data).map_err(|e| Error::protocol(&what, e))?;
-                        if let Some(chunk) = grouper.take_chunk(CHUNK_BYTES, CHUNK_INTENTS) {
+                        if let Some(mut chunk) = grouper.take_chunk(CHUNK_BYTES, CHUNK_INTENTS) {
+                            key.open_all(&peer.name, &mut chunk);
                             // A large transaction: what came before it is
                             // applied first, then it, part by part.
                             if !pending.is_empty() {
@@ -135,6 +140,10 @@ async fn session(
                             }
                             apply.apply_chunk(&chunk, progress).await?;
                         }
+                        let done = done.map(|mut t| {
+                            key.open_all(&peer.name, &mut t.intents);
+                            t
+                        });
                         match done {
                             Some(t) if apply.in_large() => {
                                 apply.finish_large(&t, progress).await?;
