@@ -365,7 +365,8 @@ AS $$ SELECT k.key FROM foreshadow.link_key k $$;
 
 -- Grants a sidecar's login role what it needs and nothing more: apply peer
 -- intents, keep dead letters, track progress with replication origins, and
--- read this region's link key (peers' sidecars log in here with it).
+-- read this region's link key and re-announce its writes (peers' sidecars
+-- log in here with it; `foreshadow-sidecar --resync-peer` re-announces).
 -- The role also needs the REPLICATION attribute to read this region's slot.
 CREATE FUNCTION foreshadow.grant_sidecar(role_name regrole) RETURNS void
 LANGUAGE plpgsql
@@ -377,12 +378,14 @@ BEGIN
     EXECUTE format('GRANT SELECT ON foreshadow.dead_letters TO %s', role_name);
     EXECUTE format('GRANT EXECUTE ON FUNCTION '
                    'foreshadow.apply_transaction(text, text, text, text, timestamptz, integer), '
-                   'foreshadow.note_lane_error(text, text), foreshadow.link_key() TO %s', role_name);
+                   'foreshadow.note_lane_error(text, text), foreshadow.link_key(), '
+                   'foreshadow.reannounce(oid) TO %s', role_name);
     EXECUTE format('GRANT EXECUTE ON FUNCTION pg_catalog.pg_replication_origin_create(text), '
                    'pg_catalog.pg_replication_origin_oid(text), '
                    'pg_catalog.pg_replication_origin_session_setup(text), '
                    'pg_catalog.pg_replication_origin_xact_setup(pg_lsn, timestamptz), '
-                   'pg_catalog.pg_replication_origin_progress(text, boolean) TO %s', role_name);
+                   'pg_catalog.pg_replication_origin_progress(text, boolean), '
+                   'pg_catalog.pg_replication_origin_drop(text) TO %s', role_name);
 END
 $$;
 
@@ -406,7 +409,7 @@ CREATE EVENT TRIGGER foreshadow_sql_drop ON sql_drop EXECUTE FUNCTION foreshadow
 -- functions are checked when a trigger is created, not when it fires.)
 REVOKE EXECUTE ON FUNCTION foreshadow.make_global(regclass, text, boolean), foreshadow.drop_global(regclass),
     foreshadow.refresh_table(regclass), foreshadow.set_column_strategy(regclass, name, text),
-    foreshadow.announce_rows(oid),
+    foreshadow.announce_rows(oid), foreshadow.reannounce(oid),
     foreshadow.apply_transaction(text, text, text, text, timestamptz, integer),
     foreshadow.retry_dead_letters(), foreshadow.note_lane_error(text, text),
     foreshadow.grant_sidecar(regrole), foreshadow.link_key(),

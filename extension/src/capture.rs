@@ -212,10 +212,22 @@ fn record(
     };
     store.write(found.as_ref(), relid, &key_text, &version);
     drop(store);
+    emit(t, version, op, key, row, delta);
+}
+
+/// Emits the intent of a write whose version is `version`, sealed.
+fn emit(
+    t: &TableArgs,
+    version: Version,
+    op: Op,
+    key: Map<String, Value>,
+    row: Option<Map<String, Value>>,
+    delta: Option<Map<String, Value>>,
+) {
     // The one wire type (model/src/intent.rs).
     let intent = Intent {
         v: WIRE_VERSION,
-        origin: region,
+        origin: version.origin,
         hlc: version.hlc,
         schema: t.schema.clone(),
         table: t.table.clone(),
@@ -370,6 +382,15 @@ fn counter_nulls<'a>(
 #[pg_extern(volatile, parallel_unsafe)]
 fn announce_rows(tbl: pg_sys::Oid) {
     let t = registered(tbl);
+    each_row(&t, |row| {
+        let key = key_of(&row, &t.pk);
+        record(tbl, &t, Op::Insert, key, Some(row), None);
+    });
+}
+
+/// Calls `f` with every row of the table, printed as capture prints rows;
+/// read through a cursor, a batch at a time.
+fn each_row(t: &TableArgs, mut f: impl FnMut(Map<String, Value>)) {
     let query = format!(
         "SELECT * FROM {}.{}",
         crate::catalog::ident(&t.schema),
@@ -378,7 +399,7 @@ fn announce_rows(tbl: pg_sys::Oid) {
     Spi::connect_mut(|client| {
         let mut cursor = client.open_cursor(&query, &[]);
         loop {
-            let batch = cursor.fetch(1000).expect("fetching rows to announce");
+            let batch = cursor.fetch(1000).expect("fetching rows");
             if batch.is_empty() {
                 break;
             }
@@ -391,10 +412,81 @@ fn announce_rows(tbl: pg_sys::Oid) {
                     .map(|i| printer.print(desc, *(*fetched).vals.add(i)))
                     .collect()
             };
-            for row in rows {
-                let key = key_of(&row, &t.pk);
-                record(tbl, &t, Op::Insert, key, Some(row), None);
-            }
+            rows.into_iter().for_each(&mut f);
         }
     });
+}
+
+/// Sends this region's own writes to `tbl` again, each with the version it
+/// has (no new stamps): every row and tombstone whose last writer is this
+/// region. Receivers apply them by the table's strategy, so a region that
+/// missed some of them (a lost slot, see `foreshadow-sidecar
+/// --resync-peer`) gets exactly those, and nothing newer is overwritten.
+/// Counter columns travel as increments, which cannot be sent again, so
+/// tables with counters are refused. Returns how many were sent. With the
+/// extension owner's rights: the peers' sidecars call it (grant_sidecar).
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn reannounce(tbl: pg_sys::Oid) -> i64 {
+    let t = registered(tbl);
+    if !t.counters.is_empty() {
+        crate::errors::raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!(
+                "cannot re-announce {}.{}: it has counter columns",
+                crate::catalog::ident(&t.schema),
+                crate::catalog::ident(&t.table)
+            ),
+            "Increments that a region missed cannot be sent again; compare the counters with foreshadow.table_digest() and correct them by hand.",
+        );
+    }
+    let region = crate::gucs::region();
+    let own = |key: &Map<String, Value>, deleted: bool| -> Option<Version> {
+        let versions = Spi::connect_mut(crate::catalog::versions);
+        let store = Store::new(Rc::new(crate::heap::Heap::open(versions)));
+        let key_text = serde_json::to_string(key).expect("a key serialises");
+        let v = store.find(tbl, &key_text)?.version;
+        (v.origin == region && v.deleted == deleted).then_some(v)
+    };
+    let mut sent = 0i64;
+    let tombstones = format!(
+        "SELECT key::pg_catalog.text FROM foreshadow.row_versions \
+          WHERE relid OPERATOR(pg_catalog.=) {} AND deleted",
+        u32::from(tbl)
+    );
+    each_row(&t, |row| {
+        let key = key_of(&row, &t.pk);
+        if let Some(v) = own(&key, false) {
+            emit(&t, v, Op::Insert, key, Some(row), None);
+            sent += 1;
+        }
+    });
+    let keys: Vec<String> = Spi::connect_mut(|client| {
+        let mut cursor = client.open_cursor(&tombstones, &[]);
+        let mut keys = Vec::new();
+        loop {
+            let batch = cursor
+                .fetch(1000)
+                .expect("fetching tombstones to re-announce");
+            if batch.is_empty() {
+                break;
+            }
+            keys.extend(
+                batch
+                    .into_iter()
+                    .filter_map(|r| r.get::<String>(1).ok().flatten()),
+            );
+        }
+        keys
+    });
+    for k in keys {
+        let Ok(key) = serde_json::from_str::<Map<String, Value>>(&k) else {
+            continue;
+        };
+        if let Some(v) = own(&key, true) {
+            emit(&t, v, Op::Delete, key, None, None);
+            sent += 1;
+        }
+    }
+    sent
 }

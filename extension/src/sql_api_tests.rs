@@ -99,7 +99,10 @@ mod tests {
             message.starts_with("clock offset: a peer's write is stamped 59"),
             "{message}"
         );
-        assert!(message.ends_with("(foreshadow.max_clock_offset is 500 ms)"), "{message}");
+        assert!(
+            message.ends_with("(foreshadow.max_clock_offset is 500 ms)"),
+            "{message}"
+        );
     }
 
     /// No role but the extension owner's delegates can call anything

@@ -305,7 +305,7 @@ impl ApplySession {
 
     /// Makes a stopped lane visible in `foreshadow.peer_stats` (best effort:
     /// the connection may be what failed; the log has it either way).
-    async fn note_error(&self, e: &Error) {
+    pub async fn note_error(&self, e: &Error) {
         let noted = self
             .client
             .execute(

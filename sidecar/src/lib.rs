@@ -8,6 +8,7 @@ mod connect;
 pub mod error;
 mod peer;
 pub mod pgoutput;
+pub mod resync;
 mod seals;
 pub mod shutdown;
 pub mod slot;
@@ -23,12 +24,28 @@ pub async fn run(config: Config, shutdown: tokio::sync::watch::Receiver<bool>) {
     let tasks: Vec<_> = config
         .peers
         .iter()
-        .map(|p| tokio::spawn(peer::replicate(config.clone(), p.clone(), shutdown.clone())))
+        .map(|p| tokio::spawn(supervise(config.clone(), p.clone(), shutdown.clone())))
         .collect();
     for t in tasks {
-        if let Err(e) = t.await {
-            tracing::error!(error = %e, "a peer task panicked");
-        }
+        let _ = t.await;
     }
     tracing::info!(region = %config.region, "foreshadow sidecar stopped");
+}
+
+/// Runs one peer's task, and runs it again (after a back-off) if it
+/// panics: a bug met by one peer's data leaves no half-alive sidecar, and
+/// the task resumes from the durable progress like after any failure.
+async fn supervise(config: Config, p: config::Peer, shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut backoff = std::time::Duration::from_secs(1);
+    loop {
+        let task = tokio::spawn(peer::replicate(config.clone(), p.clone(), shutdown.clone()));
+        match task.await {
+            Err(e) if e.is_panic() && !*shutdown.borrow() => {
+                tracing::error!(peer = %p.name, error = %e, "the peer's task panicked; restarting it");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(config.apply.max_backoff());
+            }
+            _ => return,
+        }
+    }
 }

@@ -1,4 +1,4 @@
-//! `foreshadow-sidecar --config FILE [--check-config]`
+//! `foreshadow-sidecar --config FILE [--check-config | --resync-peer PEER]`
 //!
 //! Two phases: arguments, config and logging are settled synchronously, so a
 //! bad config fails before anything connects; then the runtime starts.
@@ -9,23 +9,29 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-const USAGE: &str = "usage: foreshadow-sidecar --config FILE [--check-config]";
+const USAGE: &str = "usage: foreshadow-sidecar --config FILE [--check-config | --resync-peer PEER]";
 /// Longest wait for the batches in flight after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 struct Args {
     config: PathBuf,
     check_only: bool,
+    /// Resynchronise from this peer after its slot went missing, and exit.
+    resync_peer: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut config = None;
     let mut check_only = false;
+    let mut resync_peer = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--config" => config = Some(args.next().ok_or("--config needs a file")?.into()),
             "--check-config" => check_only = true,
+            "--resync-peer" => {
+                resync_peer = Some(args.next().ok_or("--resync-peer needs a peer name")?)
+            }
             "--help" | "-h" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
@@ -33,6 +39,7 @@ fn parse_args() -> Result<Args, String> {
     Ok(Args {
         config: config.ok_or_else(|| format!("--config is required\n{USAGE}"))?,
         check_only,
+        resync_peer,
     })
 }
 
@@ -73,6 +80,18 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    if let Some(peer) = args.resync_peer {
+        return match runtime.block_on(foreshadow_sidecar::resync::resync(&config, &peer)) {
+            Ok(report) => {
+                println!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("foreshadow-sidecar: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     runtime.block_on(async {
         let (tx, rx) = shutdown::channel();
         let mut stopping = rx.clone();

@@ -97,16 +97,19 @@ async fn session(
     let timeout = config.apply.peer_timeout();
     let local = connect(&config.primary, "this region's primary", timeout).await?;
     let mut apply = ApplySession::open(local, &peer.name).await?;
-    let (slot, key) = {
-        let remote = connect(&peer.dsn, &format!("peer {}", peer.name), timeout).await?;
-        (
-            crate::slot::ensure(&remote, &peer.name, &config.region, timeout).await?,
-            LinkKey::read(&remote, &peer.name, timeout).await?,
-        )
-    };
     // Where applying resumes: the last commit here, flushed or not (the
     // in-memory origin position, which is what `apply_transaction` checks).
     let mut progress = apply.progress(false).await?;
+    let remote = connect(&peer.dsn, &format!("peer {}", peer.name), timeout).await?;
+    let slot =
+        match crate::slot::ensure(&remote, &peer.name, &config.region, progress, timeout).await {
+            Ok(slot) => slot,
+            Err(e) => {
+                apply.note_error(&e).await;
+                return Err(e);
+            }
+        };
+    let key = LinkKey::read(&remote, &peer.name, timeout).await?;
     let what = format!("replicating from peer {}", peer.name);
     let mut stream = ReplicationStream::start(&peer.dsn, &slot, progress, &what, timeout).await?;
     link.set(LinkState::Replicating);
@@ -116,6 +119,11 @@ async fn session(
     let mut received = progress;
     let mut status = tokio::time::interval(Duration::from_secs(1));
     let mut last_heard = std::time::Instant::now();
+    // The peer's end of WAL, last said in a keepalive while this region
+    // had applied everything sent before it: safe to confirm once flushed.
+    let mut idle_upto = progress;
+    let mut busy_logged = false;
+    failpoint_panic(&peer.name);
     loop {
         // Whatever has arrived is applied as soon as the peer has nothing
         // more ready (or the batch is full): no waiting to fill batches.
@@ -160,22 +168,40 @@ async fn session(
                             None => false,
                         }
                     }
-                    Event::ReplyRequested => {
-                        confirm(&mut stream, &apply, received).await?;
+                    Event::Keepalive { wal_end, reply } => {
+                        // Nothing of ours before wal_end is pending: with
+                        // quiet global tables on a busy peer, confirming it
+                        // lets the peer release its WAL.
+                        if pending.is_empty() && grouper.between() && !apply.in_large() {
+                            idle_upto = idle_upto.max(wal_end);
+                        }
+                        if reply {
+                            confirm(&mut stream, &apply, received, idle_upto).await?;
+                        }
                         false
                     }
-                    Event::Keepalive => false,
                 }
             }
-            // The status update asks the peer to answer: silence for longer
-            // than the peer timeout means the link is gone.
+            // The status update asks the peer to answer. Silence for longer
+            // than the peer timeout: either the link is gone, or the peer's
+            // walsender is busy (decoding a large transaction on tables
+            // that are not global sends nothing for a long time). The peer
+            // is asked over a fresh connection which one it is.
             _ = status.tick() => {
                 if last_heard.elapsed() > timeout {
-                    return Err(Error::transient(&what, format!(
-                        "the peer has not answered for {:.0} s", last_heard.elapsed().as_secs_f64()
-                    )));
+                    if !walsender_working(peer, &slot, stream.backend_pid, timeout).await {
+                        return Err(Error::transient(&what, format!(
+                            "the peer has not answered for {:.0} s", last_heard.elapsed().as_secs_f64()
+                        )));
+                    }
+                    if !busy_logged {
+                        tracing::info!(peer = %peer.name, silent_s = last_heard.elapsed().as_secs(),
+                            "the peer's walsender is busy (decoding a large transaction?); waiting for it");
+                        busy_logged = true;
+                    }
+                    last_heard = std::time::Instant::now();
                 }
-                confirm(&mut stream, &apply, received).await?;
+                confirm(&mut stream, &apply, received, idle_upto).await?;
                 false
             }
             _ = std::future::ready(()), if ready => true,
@@ -192,12 +218,55 @@ async fn session(
 
 /// Tells the peer what this region has durably applied (asynchronous
 /// commits may not be on disk yet: only flushed progress lets the peer
-/// release WAL).
+/// release WAL). Past the last applied transaction, up to `idle_upto`
+/// (where the peer said it was while nothing of ours was pending), once
+/// everything applied is flushed.
 async fn confirm(
     stream: &mut ReplicationStream,
     apply: &ApplySession,
     received: Lsn,
+    idle_upto: Lsn,
 ) -> Result<(), Error> {
     let flushed = apply.progress(true).await?;
+    let applied = apply.progress(false).await?;
+    let flushed = if flushed == applied && idle_upto > flushed {
+        idle_upto
+    } else {
+        flushed
+    };
     stream.confirm(received.max(flushed), flushed).await
+}
+
+/// Whether the peer's walsender serving this link (`pid`) is alive and
+/// still holds this region's slot: then silence means it is busy, not
+/// that the link is gone. Any failure to find out counts as gone.
+async fn walsender_working(peer: &Peer, slot: &str, pid: Option<i32>, timeout: Duration) -> bool {
+    let Some(pid) = pid else {
+        return false;
+    };
+    let probe = async {
+        let c = connect(&peer.dsn, &format!("peer {}", peer.name), timeout)
+            .await
+            .ok()?;
+        c.query_opt(
+            "SELECT 1 FROM pg_catalog.pg_replication_slots s \
+              JOIN pg_catalog.pg_stat_activity a ON a.pid = s.active_pid \
+             WHERE s.slot_name = $1 AND s.active_pid = $2",
+            &[&slot, &pid],
+        )
+        .await
+        .ok()?
+    };
+    matches!(tokio::time::timeout(timeout, probe).await, Ok(Some(_)))
+}
+
+/// For the test of a panicking peer task: `FORESHADOW_FAILPOINT=panic_peer:<peer>`
+/// makes this process's first session with that peer panic.
+fn failpoint_panic(peer: &str) {
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let armed = std::env::var("FORESHADOW_FAILPOINT")
+        .is_ok_and(|f| f.strip_prefix("panic_peer:") == Some(peer));
+    if armed && !FIRED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        panic!("failpoint panic_peer:{peer}");
+    }
 }

@@ -175,6 +175,11 @@ impl Grouper {
         Ok(None)
     }
 
+    /// Between transactions: nothing of one has arrived yet.
+    pub fn between(&self) -> bool {
+        self.cur.is_none()
+    }
+
     /// The intents of the open transaction so far, if they are at least
     /// `max_bytes` or `max_intents`: taken out, to be applied before the rest
     /// of the transaction arrives.

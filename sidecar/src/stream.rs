@@ -25,6 +25,9 @@ pub struct ReplicationStream {
     sock: TcpStream,
     buf: BytesMut,
     what: String,
+    /// The peer's process serving this connection (its walsender), from
+    /// BackendKeyData: how the peer is asked whether it is still working.
+    pub backend_pid: Option<i32>,
 }
 
 /// What the peer sent.
@@ -32,10 +35,9 @@ pub struct ReplicationStream {
 pub enum Event {
     /// One pgoutput message.
     Data(bytes::Bytes),
-    /// The peer asks for a status update now.
-    ReplyRequested,
-    /// A keepalive that needs no answer.
-    Keepalive,
+    /// A keepalive: the peer has sent everything up to this position
+    /// (`reply`: it asks for a status update now).
+    Keepalive { wal_end: Lsn, reply: bool },
 }
 
 struct Frame {
@@ -88,6 +90,7 @@ impl ReplicationStream {
                 sock,
                 buf: BytesMut::with_capacity(64 * 1024),
                 what: what.to_string(),
+                backend_pid: None,
             };
             s.startup(&user, &dbname, password.as_deref()).await?;
             let mut out = BytesMut::new();
@@ -216,7 +219,8 @@ impl ReplicationStream {
                 },
                 b'E' => return Err(self.refused(&f.body)),
                 b'Z' => return Ok(()),
-                _ => {} // ParameterStatus, BackendKeyData, notices
+                b'K' if f.body.len() >= 4 => self.backend_pid = Some(f.body.get_i32()),
+                _ => {} // ParameterStatus, notices
             }
             if !out.is_empty() {
                 self.send(&out).await?;
@@ -276,10 +280,9 @@ impl ReplicationStream {
                         return Ok(Event::Data(f.body));
                     }
                     b'k' if f.body.len() >= 17 => {
-                        return Ok(if f.body[16] == 1 {
-                            Event::ReplyRequested
-                        } else {
-                            Event::Keepalive
+                        return Ok(Event::Keepalive {
+                            wal_end: Lsn(f.body.get_u64()),
+                            reply: f.body[8] == 1,
                         });
                     }
                     other => {

@@ -1,0 +1,250 @@
+//! The link never stalls and never silently loses: a peer's slot keeps
+//! advancing while its global tables are idle, a peer busy decoding a large
+//! transaction is not mistaken for a dead link, a panicking peer task is
+//! restarted, and a missing slot stops the lane until an operator
+//! resynchronises it (which brings back what was missed).
+
+mod common;
+
+use common::{lab, names, scalar_i64, text_in, wait_for, CONVERGE};
+use foreshadow_lab::Lab;
+use std::time::{Duration, Instant};
+
+/// `region`'s sidecar, restarted with `config` and `env`.
+fn restart_sidecar(lab: &Lab, region: &str, config: &str, env: &[(&str, &str)]) {
+    lab.fault(region, foreshadow_lab::lab::Fault::KillSidecar)
+        .unwrap();
+    for (k, v) in env {
+        std::env::set_var(k, v);
+    }
+    let started = lab.start_sidecar_with(region, config);
+    for (k, _) in env {
+        std::env::remove_var(k);
+    }
+    started.unwrap();
+}
+
+fn sidecar_log(lab: &Lab, region: &str) -> String {
+    std::fs::read_to_string(lab.region_dir(region).join("sidecar.log")).unwrap_or_default()
+}
+
+/// Inserts account `id` tagged `tag` in `from`; waits until `to` has it.
+async fn insert_seen(lab: &Lab, from: &str, to: &str, id: i64, tag: &str) {
+    lab.client(from)
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO accounts VALUES ($1, $2, 1, NULL)",
+            &[&id, &tag],
+        )
+        .await
+        .unwrap();
+    wait_for(
+        lab,
+        to,
+        &format!("SELECT region FROM accounts WHERE id = {id}"),
+        Some(tag),
+        CONVERGE,
+    )
+    .await
+    .unwrap();
+}
+
+/// The slot `reader`'s sidecar reads on `peer`.
+fn slot_of(reader: &str) -> String {
+    format!("foreshadow_{}", reader.replace('-', "_"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_global_tables_on_a_busy_peer_do_not_hold_its_wal() {
+    let lab = lab("live-idle", 2, 20).await;
+    let r = names(&lab);
+    let c = lab.client(&r[0]).await.unwrap();
+    // One global write, then only writes to a table that is not global.
+    insert_seen(&lab, &r[0], &r[1], 1, "x").await;
+    c.batch_execute("CREATE TABLE busy (id bigint, pad text)")
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        c.batch_execute(
+            "INSERT INTO busy SELECT g, repeat('x', 200) FROM generate_series(1, 10000) g",
+        )
+        .await
+        .unwrap();
+    }
+    let after: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_for(
+        &lab,
+        &r[0],
+        &format!(
+            "SELECT (confirmed_flush_lsn >= '{after}')::text FROM pg_replication_slots WHERE slot_name = '{}'",
+            slot_of(&r[1])
+        ),
+        Some("true"),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_busy_decoding_a_large_transaction_is_not_a_dead_link() {
+    let lab = lab("live-busy", 2, 20).await;
+    let r = names(&lab);
+    // A short peer timeout: decoding the transaction below takes longer.
+    let config = lab
+        .sidecar_config(&r[1])
+        .unwrap()
+        .replace("peer_timeout_ms = 5000", "peer_timeout_ms = 1000");
+    restart_sidecar(&lab, &r[1], &config, &[]);
+    lab.wait_replicating(CONVERGE).await.unwrap();
+    let c = lab.client(&r[0]).await.unwrap();
+    c.batch_execute("CREATE TABLE big (id bigint, v int)")
+        .await
+        .unwrap();
+    c.batch_execute("INSERT INTO big SELECT g, 0 FROM generate_series(1, 3000000) g")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    insert_seen(&lab, &r[0], &r[1], 1, "after").await;
+    let log = sidecar_log(&lab, &r[1]);
+    assert!(
+        log.contains("walsender is busy"),
+        "the peer was never silent for longer than the timeout: the test tests nothing:\n{log}"
+    );
+    assert!(
+        !log.contains("has not answered"),
+        "a busy peer was taken for a dead link (after {:?}):\n{log}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_peer_task_is_restarted() {
+    let lab = lab("live-panic", 2, 20).await;
+    let r = names(&lab);
+    let config = lab.sidecar_config(&r[1]).unwrap();
+    let failpoint = format!("panic_peer:{}", r[0]);
+    restart_sidecar(
+        &lab,
+        &r[1],
+        &config,
+        &[("FORESHADOW_FAILPOINT", &failpoint)],
+    );
+    insert_seen(&lab, &r[0], &r[1], 1, "x").await;
+    let log = sidecar_log(&lab, &r[1]);
+    assert!(
+        log.contains("failpoint panic_peer"),
+        "the failpoint did not fire:\n{log}"
+    );
+    assert!(log.contains("panicked; restarting it"), "{log}");
+    assert!(lab
+        .sidecar_pid(&r[1])
+        .is_some_and(foreshadow_lab::proc::alive));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_slot_stops_the_lane_until_resynchronised() {
+    let lab = lab("live-slot", 2, 20).await;
+    let r = names(&lab);
+    let peer = lab.client(&r[0]).await.unwrap();
+    insert_seen(&lab, &r[0], &r[1], 1, "before").await;
+    insert_seen(&lab, &r[0], &r[1], 4, "doomed").await;
+    // The slot is lost while the reader is down, and writes go on.
+    lab.fault(&r[1], foreshadow_lab::lab::Fault::KillSidecar)
+        .unwrap();
+    let slot = slot_of(&r[1]);
+    // Its walsender lets go of the slot once it sees the link closed.
+    wait_for(
+        &lab,
+        &r[0],
+        &format!("SELECT active::text FROM pg_replication_slots WHERE slot_name = '{slot}'"),
+        Some("false"),
+        CONVERGE,
+    )
+    .await
+    .unwrap();
+    peer.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .unwrap();
+    peer.batch_execute(
+        "INSERT INTO accounts VALUES (2, 'missed', 1, NULL); \
+         UPDATE accounts SET balance = 7 WHERE id = 1; DELETE FROM accounts WHERE id = 4",
+    )
+    .await
+    .unwrap();
+    lab.start_sidecar(&r[1]).unwrap();
+    wait_for(
+        &lab,
+        &r[1],
+        &format!(
+            "SELECT alert FROM foreshadow.alerts WHERE region = '{}'",
+            r[0]
+        ),
+        Some("lane_stopped"),
+        CONVERGE,
+    )
+    .await
+    .unwrap();
+    let detail = text_in(&lab, &r[1], "SELECT detail FROM foreshadow.alerts")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(detail.contains("is missing on the peer"), "{detail}");
+    assert!(sidecar_log(&lab, &r[1]).contains("--resync-peer"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        scalar_i64(
+            &lab,
+            &r[0],
+            &format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}'")
+        )
+        .await,
+        0,
+        "the slot was re-created silently"
+    );
+    // The operator's command, with the sidecar stopped.
+    lab.fault(&r[1], foreshadow_lab::lab::Fault::KillSidecar)
+        .unwrap();
+    let config = lab.region_dir(&r[1]).join("sidecar.toml");
+    let out =
+        std::process::Command::new(foreshadow_lab::proc::sibling_binary("foreshadow-sidecar"))
+            .args([
+                "--config",
+                &config.display().to_string(),
+                "--resync-peer",
+                &r[0],
+            ])
+            .output()
+            .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        report.contains("accounts: 3 rows and tombstones re-announced"),
+        "{report}"
+    );
+    lab.start_sidecar(&r[1]).unwrap();
+    peer.execute("INSERT INTO accounts VALUES (3, 'after', 1, NULL)", &[])
+        .await
+        .unwrap();
+    common::assert_converged(&lab).await;
+    assert_eq!(
+        text_in(
+            &lab,
+            &r[1],
+            "SELECT string_agg(id || ':' || balance, ',' ORDER BY id) FROM accounts"
+        )
+        .await
+        .unwrap()
+        .as_deref(),
+        Some("1:7,2:1,3:1")
+    );
+}
