@@ -190,9 +190,10 @@ BEGIN
 
     INSERT INTO foreshadow.tables (relid, schema_name, table_name, strategy, pk_cols)
     VALUES (tbl, v_schema, v_table, strategy, v_pk);
-    PERFORM foreshadow.refresh_table(tbl);
     EXECUTE format('CREATE TRIGGER foreshadow_no_truncate BEFORE TRUNCATE ON %I.%I '
                    'FOR EACH STATEMENT EXECUTE FUNCTION foreshadow.refuse_truncate()', v_schema, v_table);
+    EXECUTE format('ALTER TABLE %I.%I ENABLE ALWAYS TRIGGER foreshadow_no_truncate', v_schema, v_table);
+    PERFORM foreshadow.refresh_table(tbl);
 
     -- Rows already in the table are announced as inserts, so that a table
     -- made global with data reaches the regions that do not have it yet.
@@ -213,13 +214,15 @@ BEGIN
             USING ERRCODE = 'undefined_object',
                   HINT = 'SELECT * FROM foreshadow.global_tables lists the global tables.';
     END IF;
+    -- Unregistered first: the guard refuses to drop the triggers of a
+    -- table that is still global.
+    DELETE FROM foreshadow.row_versions v WHERE v.relid = tbl;
+    DELETE FROM foreshadow.tables t WHERE t.relid = tbl;
     EXECUTE format('DROP TRIGGER foreshadow_capture ON %s', tbl);
     EXECUTE format('DROP TRIGGER foreshadow_no_truncate ON %s', tbl);
     IF EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = tbl AND g.tgname = 'foreshadow_counter_nulls') THEN
         EXECUTE format('DROP TRIGGER foreshadow_counter_nulls ON %s', tbl);
     END IF;
-    DELETE FROM foreshadow.row_versions v WHERE v.relid = tbl;
-    DELETE FROM foreshadow.tables t WHERE t.relid = tbl;
 END
 $$;
 
@@ -240,10 +243,15 @@ BEGIN
     v_target := format('%I.%I', t.schema_name, t.table_name);
     EXECUTE format('CREATE OR REPLACE TRIGGER foreshadow_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
                    'FOR EACH ROW EXECUTE FUNCTION foreshadow.capture()', v_target);
+    -- ALWAYS: a session with session_replication_role = replica is
+    -- captured too (the sidecar's apply sessions are skipped by capture
+    -- itself: they have a replication origin set up).
+    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER foreshadow_capture', v_target);
     IF cardinality(t.counter_cols) > 0 THEN
         EXECUTE format('CREATE OR REPLACE TRIGGER foreshadow_counter_nulls BEFORE INSERT OR UPDATE ON %s '
                        'FOR EACH ROW EXECUTE FUNCTION foreshadow.counter_nulls(%s)',
                        v_target, (SELECT string_agg(format('%L', c), ', ') FROM unnest(t.counter_cols) AS c));
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER foreshadow_counter_nulls', v_target);
     ELSIF EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = tbl AND g.tgname = 'foreshadow_counter_nulls') THEN
         EXECUTE format('DROP TRIGGER foreshadow_counter_nulls ON %s', v_target);
     END IF;
@@ -395,14 +403,55 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     dropped oid[];
+    v_trigger text;
 BEGIN
     SELECT array_agg(objid) INTO dropped FROM pg_event_trigger_dropped_objects()
      WHERE classid = 'pg_class'::regclass AND objsubid = 0;
     DELETE FROM foreshadow.row_versions v WHERE v.relid = ANY (dropped);
     DELETE FROM foreshadow.tables t WHERE t.relid = ANY (dropped);
+    -- Without its capture trigger a global table's writes would stay here.
+    SELECT o.object_identity INTO v_trigger
+      FROM pg_event_trigger_dropped_objects() o
+      JOIN foreshadow.tables t ON t.schema_name = o.address_names[1] AND t.table_name = o.address_names[2]
+     WHERE o.object_type = 'trigger' AND o.address_names[3] IN ('foreshadow_capture', 'foreshadow_no_truncate');
+    IF FOUND THEN
+        RAISE EXCEPTION 'cannot drop trigger %: its table is a global table', v_trigger
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  DETAIL = 'Writes to the table would no longer reach the other regions.',
+                  HINT = 'Call foreshadow.drop_global() on the table instead.';
+    END IF;
 END
 $$;
 CREATE EVENT TRIGGER foreshadow_sql_drop ON sql_drop EXECUTE FUNCTION foreshadow.on_sql_drop();
+
+-- Refuses ALTER TABLE ... DISABLE TRIGGER (or ENABLE REPLICA) on the
+-- triggers that capture a global table's writes: that would let writes
+-- bypass capture silently, and the regions would diverge.
+CREATE FUNCTION foreshadow.guard_capture() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_table regclass;
+    v_trigger name;
+BEGIN
+    SELECT g.tgrelid::regclass, g.tgname INTO v_table, v_trigger
+      FROM pg_event_trigger_ddl_commands() c
+      JOIN foreshadow.tables t ON t.relid = c.objid
+      JOIN pg_trigger g ON g.tgrelid = t.relid
+     WHERE c.classid = 'pg_class'::regclass
+       AND g.tgname IN ('foreshadow_capture', 'foreshadow_no_truncate', 'foreshadow_counter_nulls')
+       AND g.tgenabled <> 'A';
+    IF FOUND THEN
+        RAISE EXCEPTION 'trigger % of global table % must stay enabled', v_trigger, v_table
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'Writes would bypass capture and no longer reach the other regions.',
+                  HINT = 'Call foreshadow.drop_global() on the table to stop replicating it.';
+    END IF;
+END
+$$;
+CREATE EVENT TRIGGER foreshadow_guard_capture ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION foreshadow.guard_capture();
 
 -- Only the extension owner (and roles it grants) may change global tables,
 -- feed intents or touch anything internal; anyone may look. (Trigger
@@ -414,7 +463,7 @@ REVOKE EXECUTE ON FUNCTION foreshadow.make_global(regclass, text, boolean), fore
     foreshadow.retry_dead_letters(), foreshadow.note_lane_error(text, text),
     foreshadow.grant_sidecar(regrole), foreshadow.link_key(),
     foreshadow.capture(), foreshadow.counter_nulls(), foreshadow.refuse_truncate(),
-    foreshadow.on_sql_drop() FROM PUBLIC;
+    foreshadow.on_sql_drop(), foreshadow.guard_capture() FROM PUBLIC;
 GRANT USAGE ON SCHEMA foreshadow TO PUBLIC;
 GRANT SELECT ON foreshadow.global_tables, foreshadow.strategies TO PUBLIC;
 -- Lane errors can quote row values: monitoring roles only.

@@ -26,6 +26,62 @@ mod tests {
         .unwrap()
     }
 
+    /// The message of the error `f` raises ("" if none).
+    fn error_of(f: impl FnOnce() + std::panic::UnwindSafe) -> String {
+        PgTryBuilder::new(|| {
+            f();
+            String::new()
+        })
+        .catch_others(|e| match e {
+            pg_sys::panic::CaughtError::PostgresError(r) => r.message().to_string(),
+            _ => "another error".into(),
+        })
+        .execute()
+    }
+
+    /// Capture cannot be switched off on a global table: not disabled, not
+    /// limited to replica sessions, not dropped; and sessions with
+    /// session_replication_role = replica are captured too.
+    #[pg_test]
+    fn capture_cannot_be_bypassed() {
+        setup_accounts();
+        // Each attempt in a subtransaction of its own (a plpgsql block).
+        Spi::run(
+            "CREATE FUNCTION pg_temp.error_of(q text) RETURNS text LANGUAGE plpgsql AS \
+             $$ BEGIN EXECUTE q; RETURN ''; EXCEPTION WHEN OTHERS THEN RETURN SQLERRM; END $$",
+        )
+        .unwrap();
+        let error_of = |sql: &str| {
+            Spi::get_one_with_args::<String>("SELECT pg_temp.error_of($1)", &[sql.into()])
+                .unwrap()
+                .unwrap()
+        };
+        for sql in [
+            "ALTER TABLE accounts DISABLE TRIGGER foreshadow_capture",
+            "ALTER TABLE accounts DISABLE TRIGGER ALL",
+            "ALTER TABLE accounts DISABLE TRIGGER USER",
+            "ALTER TABLE accounts ENABLE REPLICA TRIGGER foreshadow_capture",
+            "ALTER TABLE accounts ENABLE TRIGGER foreshadow_no_truncate",
+        ] {
+            let e = error_of(sql);
+            assert!(
+                e.contains("of global table public.accounts must stay enabled"),
+                "{sql}: {e}"
+            );
+        }
+        let e = error_of("DROP TRIGGER foreshadow_capture ON accounts");
+        assert!(e.contains("its table is a global table"), "{e}");
+        Spi::run("SET session_replication_role = replica").unwrap();
+        Spi::run("INSERT INTO accounts VALUES (1, 'r', 1)").unwrap();
+        Spi::run("RESET session_replication_role").unwrap();
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM foreshadow.row_versions"),
+            Ok(Some(1))
+        );
+        // drop_global still removes them.
+        Spi::run("SELECT foreshadow.drop_global('accounts')").unwrap();
+    }
+
     fn setup_accounts() {
         Spi::run("CREATE TABLE public.accounts (id int PRIMARY KEY, owner text, balance bigint)")
             .unwrap();
@@ -86,15 +142,9 @@ mod tests {
         let batch = format!(
             r#"[{{"v":2,"origin":"peer","hlc":{ahead},"schema":"public","table":"accounts","op":"insert","key":{{"id":5}},"row":{{"id":5,"owner":"p","balance":1}},"vv":{{"peer":1}},"strategy":"lww","class":"data"}}]"#
         );
-        let message = PgTryBuilder::new(|| {
+        let message = error_of(|| {
             apply(&batch);
-            String::new()
-        })
-        .catch_others(|e| match e {
-            pg_sys::panic::CaughtError::PostgresError(r) => r.message().to_string(),
-            _ => "another error".into(),
-        })
-        .execute();
+        });
         assert!(
             message.starts_with("clock offset: a peer's write is stamped 59"),
             "{message}"

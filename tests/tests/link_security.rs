@@ -291,3 +291,56 @@ async fn a_clock_too_far_ahead_is_held_then_heals() {
     .await
     .unwrap();
 }
+
+/// A table's owner cannot switch capture off (disable or drop its
+/// trigger), and a session with session_replication_role = replica is
+/// captured like any other: every write reaches the other regions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_cannot_be_bypassed() {
+    let lab = lab("link-bypass", 3, 20).await;
+    let r = names(&lab);
+    create_login_role(&lab, "alice").await;
+    lab.everywhere(
+        "CREATE TABLE public.notes (id bigint PRIMARY KEY, body text); \
+         ALTER TABLE public.notes OWNER TO alice; SELECT foreshadow.make_global('public.notes')",
+    )
+    .await
+    .unwrap();
+    let owner = client_as(&lab, &r[0], "alice").await;
+    for sql in [
+        "ALTER TABLE notes DISABLE TRIGGER foreshadow_capture",
+        "ALTER TABLE notes DISABLE TRIGGER ALL",
+        "ALTER TABLE notes ENABLE REPLICA TRIGGER foreshadow_capture",
+        "DROP TRIGGER foreshadow_capture ON notes",
+    ] {
+        let e = owner.batch_execute(sql).await.expect_err(sql);
+        assert!(
+            pg_error(&e).contains("global table"),
+            "{sql}: {}",
+            pg_error(&e)
+        );
+    }
+    owner
+        .batch_execute("INSERT INTO notes VALUES (1, 'by the owner')")
+        .await
+        .unwrap();
+    lab.client(&r[0])
+        .await
+        .unwrap()
+        .batch_execute(
+            "SET session_replication_role = replica; INSERT INTO notes VALUES (2, 'as a replica')",
+        )
+        .await
+        .unwrap();
+    for region in &r[1..] {
+        wait_for(
+            &lab,
+            region,
+            "SELECT string_agg(body, ',' ORDER BY id) FROM notes",
+            Some("by the owner,as a replica"),
+            CONVERGE,
+        )
+        .await
+        .unwrap();
+    }
+}
