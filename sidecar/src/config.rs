@@ -4,7 +4,6 @@
 use serde::Deserialize;
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::str::FromStr;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -103,9 +102,13 @@ fn check_region_name(key: &str, name: &str) -> Result<(), ConfigError> {
 }
 
 fn check_dsn(key: &str, dsn: &str) -> Result<(), ConfigError> {
-    tokio_postgres::Config::from_str(dsn)
+    let target = crate::tls::parse_dsn(dsn)
+        .map_err(|e| invalid(key, format!("not a valid connection string: {e}")))?;
+    // The certificate files are read now: a wrong path fails at startup,
+    // not at the first connection.
+    crate::tls::client_config(&target.tls)
         .map(|_| ())
-        .map_err(|e| invalid(key, format!("not a valid connection string: {e}")))
+        .map_err(|e| invalid(key, e))
 }
 
 impl Config {

@@ -22,6 +22,8 @@ pub struct Error {
 impl Error {
     pub fn from_pg(context: impl Into<String>, e: tokio_postgres::Error) -> Error {
         let kind = match e.code().map(|c| c.code()) {
+            // A certificate the configuration refuses needs an operator.
+            _ if crate::tls::refused_by_tls(&e) => Kind::NeedsOperator,
             // 28: authorization; 42: privileges, undefined objects (no
             // extension, no function); 55: object not in prerequisite state.
             Some(code)
@@ -33,7 +35,17 @@ impl Error {
         };
         let message = match e.as_db_error() {
             Some(db) => format!("{}: {}", db.severity(), db.message()),
-            None => e.to_string(),
+            // The causes too: "error performing TLS handshake" alone does
+            // not say which certificate was refused, or why.
+            None => {
+                let mut text = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    text.push_str(&format!(": {c}"));
+                    cause = c.source();
+                }
+                text
+            }
         };
         Error {
             kind,

@@ -13,6 +13,7 @@ mod seals;
 pub mod shutdown;
 pub mod slot;
 pub mod stream;
+pub mod tls;
 
 pub use config::Config;
 

@@ -100,18 +100,26 @@ async fn session(
     // Where applying resumes: the last commit here, flushed or not (the
     // in-memory origin position, which is what `apply_transaction` checks).
     let mut progress = apply.progress(false).await?;
-    let remote = connect(&peer.dsn, &format!("peer {}", peer.name), timeout).await?;
-    let slot =
-        match crate::slot::ensure(&remote, &peer.name, &config.region, progress, timeout).await {
-            Ok(slot) => slot,
-            Err(e) => {
-                apply.note_error(&e).await;
-                return Err(e);
-            }
-        };
-    let key = LinkKey::read(&remote, &peer.name, timeout).await?;
     let what = format!("replicating from peer {}", peer.name);
-    let mut stream = ReplicationStream::start(&peer.dsn, &slot, progress, &what, timeout).await?;
+    let linked = async {
+        let remote = connect(&peer.dsn, &format!("peer {}", peer.name), timeout).await?;
+        let slot =
+            crate::slot::ensure(&remote, &peer.name, &config.region, progress, timeout).await?;
+        let key = LinkKey::read(&remote, &peer.name, timeout).await?;
+        let stream = ReplicationStream::start(&peer.dsn, &slot, progress, &what, timeout).await?;
+        Ok::<_, Error>((slot, key, stream))
+    };
+    let (slot, key, mut stream) = match linked.await {
+        Ok(linked) => linked,
+        // What an operator must fix (a refused certificate or password, a
+        // missing slot or grant) is shown in foreshadow.alerts here too.
+        Err(e) => {
+            if matches!(e.kind, Kind::NeedsOperator) {
+                apply.note_error(&e).await;
+            }
+            return Err(e);
+        }
+    };
     link.set(LinkState::Replicating);
     let mut grouper = Grouper::default();
     let mut pending: Vec<Transaction> = Vec::new();

@@ -80,6 +80,50 @@ impl Cluster {
         std::fs::write(&conf_path, text).map_err(|e| e.to_string())
     }
 
+    /// Serves TLS with the lab's server certificate, and lets the sidecar's
+    /// role in only over TLS with SCRAM (the lab's own admin connections,
+    /// as `postgres`, stay trusted and plain).
+    pub fn enable_tls(&self, certs: &crate::certs::Certs) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let data = self.data();
+        for (from, mode) in [("server.key", 0o600), ("server.crt", 0o644)] {
+            let dest = data.join(from);
+            std::fs::copy(certs.dir.join(from), &dest)
+                .map_err(|e| format!("copying {from}: {e}"))?;
+            std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| e.to_string())?;
+            if is_root() {
+                let mut c = std::process::Command::new("chown");
+                c.args(["postgres:postgres", &dest.display().to_string()]);
+                run(c, "chown TLS file")?;
+            }
+        }
+        let conf_path = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path).map_err(|e| e.to_string())?;
+        text.push_str(
+            "ssl = on
+ssl_cert_file = 'server.crt'
+ssl_key_file = 'server.key'
+             password_encryption = 'scram-sha-256'
+",
+        );
+        std::fs::write(&conf_path, text).map_err(|e| e.to_string())?;
+        // A logical replication connection matches on the database name
+        // (the `all` lines), not on `replication`.
+        let sidecar = crate::lab::SIDECAR_ROLE;
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            format!(
+                "host all postgres 127.0.0.1/32 trust
+                 hostssl all {sidecar} 127.0.0.1/32 scram-sha-256
+                 hostssl replication {sidecar} 127.0.0.1/32 scram-sha-256
+                 host all all 127.0.0.1/32 reject
+"
+            ),
+        )
+        .map_err(|e| e.to_string())
+    }
+
     pub fn start(&self) -> Result<(), String> {
         self.start_skewed(0)
     }

@@ -29,6 +29,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
         regions: opts.regions,
         wan_ms: opts.wan_ms,
         engine: crate::spec::Engine::Foreshadow,
+        tls: false,
     })
     .await?;
     println!(

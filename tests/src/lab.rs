@@ -48,6 +48,9 @@ pub struct UpOptions {
     pub regions: usize,
     pub wan_ms: u64,
     pub engine: Engine,
+    /// Sidecars connect with TLS (verify-full against the lab's own CA) and
+    /// SCRAM, and may not connect otherwise.
+    pub tls: bool,
 }
 
 pub struct Lab {
@@ -148,8 +151,12 @@ impl Lab {
                 regions,
                 wan_ms: opts.wan_ms,
                 links,
+                tls: opts.tls,
             },
         };
+        if lab.spec.tls {
+            lab.certs().generate()?;
+        }
         lab.spec.save(&lab.dir)?;
         let started = lab.start_all().await;
         if let Err(e) = started {
@@ -168,6 +175,9 @@ impl Lab {
                     s.spawn(move || {
                         let c = self.cluster(&r.name);
                         c.init(&r.name, self.spec.engine)?;
+                        if self.spec.tls {
+                            c.enable_tls(&self.certs())?;
+                        }
                         c.start()
                     })
                 })
@@ -216,8 +226,13 @@ impl Lab {
         let app = connect(&r.dsn).await?;
         let sql = match self.spec.engine {
             Engine::Foreshadow => format!(
-                "CREATE EXTENSION foreshadow; CREATE ROLE {SIDECAR_ROLE} LOGIN REPLICATION; \
-                 SELECT foreshadow.grant_sidecar('{SIDECAR_ROLE}');"
+                "CREATE EXTENSION foreshadow; CREATE ROLE {SIDECAR_ROLE} LOGIN REPLICATION {}; \
+                 SELECT foreshadow.grant_sidecar('{SIDECAR_ROLE}');",
+                if self.spec.tls {
+                    format!("PASSWORD '{}'", crate::certs::SIDECAR_PASSWORD)
+                } else {
+                    String::new()
+                }
             ),
             Engine::Pglogical => format!(
                 "CREATE EXTENSION pglogical; SELECT pglogical.create_node(node_name := '{}', dsn := '{}');",
@@ -334,16 +349,33 @@ impl Lab {
             .ok()
     }
 
+    pub fn certs(&self) -> crate::certs::Certs {
+        crate::certs::Certs::new(&self.dir)
+    }
+
     pub fn sidecar_config(&self, region: &str) -> Result<String, String> {
         let me = self.spec.region(region)?;
+        // TLS labs: the server's certificate is checked against the lab's CA
+        // and host name, SCRAM binds to the TLS channel, the password comes
+        // from a pgpass file.
+        let tls = if self.spec.tls {
+            let certs = self.certs();
+            format!(
+                " sslmode=verify-full sslrootcert={} channel_binding=require passfile={}",
+                certs.ca().display(),
+                certs.passfile().display()
+            )
+        } else {
+            String::new()
+        };
         let mut text = format!(
-            "region = \"{}\"\nprimary = \"host=127.0.0.1 port={} user={SIDECAR_ROLE} dbname={DATABASE}\"\n",
+            "region = \"{}\"\nprimary = \"host=127.0.0.1 port={} user={SIDECAR_ROLE} dbname={DATABASE}{tls}\"\n",
             me.name, me.port
         );
         for peer in self.spec.regions.iter().filter(|p| p.name != me.name) {
             let link = self.spec.link(&me.name, &peer.name);
             text.push_str(&format!(
-                "\n[[peers]]\nname = \"{}\"\ndsn = \"host=127.0.0.1 port={} user={SIDECAR_ROLE} dbname={DATABASE} connect_timeout=3\"\n",
+                "\n[[peers]]\nname = \"{}\"\ndsn = \"host=127.0.0.1 port={} user={SIDECAR_ROLE} dbname={DATABASE} connect_timeout=3{tls}\"\n",
                 peer.name, link.listen_port
             ));
         }

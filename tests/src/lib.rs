@@ -3,6 +3,7 @@
 //! injection and the benchmarks.
 
 pub mod bench;
+pub mod certs;
 pub mod cluster;
 pub mod demo;
 pub mod lab;

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 fn usage() -> &'static str {
     "usage:
-  foreshadow-lab up --dir DIR --regions N [--wan-ms MS] [--engine foreshadow|pglogical|plain]
+  foreshadow-lab up --dir DIR --regions N [--wan-ms MS] [--engine foreshadow|pglogical|plain] [--tls]
   foreshadow-lab down --dir DIR [--keep]
   foreshadow-lab fault --dir DIR --region NAME <kill-sidecar|start-sidecar|stop-pg|start-pg|cut|heal>
   foreshadow-lab demo [--dir DIR] [--regions N] [--wan-ms MS] [--seconds S] [--hot-keys K] [--keep]
@@ -23,7 +23,7 @@ struct Args {
     positional: Vec<String>,
 }
 
-const SWITCHES: [&str; 2] = ["--keep", "--quick"];
+const SWITCHES: [&str; 3] = ["--keep", "--quick", "--tls"];
 
 fn parse() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
@@ -76,12 +76,13 @@ impl Args {
 async fn dispatch(args: Args) -> Result<(), String> {
     match args.command.as_str() {
         "up" => {
-            args.check_known(&["--dir", "--regions", "--wan-ms", "--engine"])?;
+            args.check_known(&["--dir", "--regions", "--wan-ms", "--engine", "--tls"])?;
             let lab = Lab::up(UpOptions {
                 dir: args.get("--dir", None)?,
                 regions: args.get("--regions", Some(3))?,
                 wan_ms: args.get("--wan-ms", Some(0))?,
                 engine: args.get("--engine", Some(Engine::Foreshadow))?,
+                tls: args.flags.contains_key("--tls"),
             })
             .await?;
             for r in &lab.spec.regions {

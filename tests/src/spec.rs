@@ -64,6 +64,9 @@ pub struct LabSpec {
     pub regions: Vec<Region>,
     pub wan_ms: u64,
     pub links: Vec<Link>,
+    /// Sidecars connect with TLS (verify-full) and SCRAM (`up --tls`).
+    #[serde(default)]
+    pub tls: bool,
 }
 
 impl LabSpec {

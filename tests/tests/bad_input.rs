@@ -158,6 +158,7 @@ async fn up_on_a_used_dir_is_refused_clearly() {
         regions: 1,
         wan_ms: 0,
         engine: foreshadow_lab::spec::Engine::Foreshadow,
+        tls: false,
     })
     .await;
     let err = again.err().expect("second up on the same dir is refused");

@@ -139,6 +139,7 @@ async fn with_lab<T>(
         regions,
         wan_ms: opts.wan_ms,
         engine,
+        tls: false,
     })
     .await?;
     let result = body(&lab).await;

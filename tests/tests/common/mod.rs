@@ -30,6 +30,11 @@ impl Drop for TestLab {
 }
 
 pub async fn lab(name: &str, regions: usize, wan_ms: u64) -> TestLab {
+    lab_with(name, regions, wan_ms, false).await
+}
+
+/// A lab whose sidecars connect with TLS (verify-full) and SCRAM if `tls`.
+pub async fn lab_with(name: &str, regions: usize, wan_ms: u64, tls: bool) -> TestLab {
     let dir = std::env::temp_dir().join(format!("foreshadow-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let lab = Lab::up(UpOptions {
@@ -37,6 +42,7 @@ pub async fn lab(name: &str, regions: usize, wan_ms: u64) -> TestLab {
         regions,
         wan_ms,
         engine: foreshadow_lab::spec::Engine::Foreshadow,
+        tls,
     })
     .await
     .expect("lab up");
