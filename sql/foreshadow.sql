@@ -42,6 +42,9 @@ CREATE TABLE foreshadow.tables (
     pk_cols     text[] NOT NULL,
     -- Numeric columns whose writes travel as increments (strategy counter).
     counter_cols text[] NOT NULL DEFAULT '{}',
+    -- Its capture triggers are in place and guarded (guard_capture); false
+    -- while make_global or refresh_table (re)makes them.
+    guarded     boolean NOT NULL DEFAULT false,
     created_at  timestamptz NOT NULL DEFAULT now(),
     UNIQUE (schema_name, table_name)
 );
@@ -49,17 +52,22 @@ CREATE TABLE foreshadow.tables (
 -- The version of every row of every global table, kept beside the user's row
 -- so that SELECT * on the table shows only the user's columns. A deleted row
 -- stays here as a tombstone so that an older write cannot resurrect it.
+-- Every write finds and rewrites its row's version, so key and vv are the
+-- JSON text capture and apply write (one canonical form: keys in primary-key
+-- order, values as the column type prints them), compared byte by byte
+-- (collation "C"), not jsonb, whose parsing and comparison cost every write
+-- (the foreshadow.row_version view shows them as jsonb).
 CREATE TABLE foreshadow.row_versions (
     relid   oid NOT NULL,
-    key     jsonb NOT NULL,
+    key     text COLLATE "C" NOT NULL,
     hlc     bigint NOT NULL,
     origin  text NOT NULL,
-    vv      jsonb NOT NULL,
+    vv      text NOT NULL,
     deleted boolean NOT NULL DEFAULT false,
     PRIMARY KEY (relid, key)
 )
 -- Every write updates its row's version in place: free space on each page
--- lets those updates be HOT (no new index entry, no jsonb key comparisons).
+-- lets those updates be HOT (no new index entry, no key comparisons).
 WITH (fillfactor = 50);
 
 -- Intents that can never apply here, kept with the reason instead of
@@ -129,8 +137,8 @@ SELECT 'rejected', d.origin,
  GROUP BY d.origin, d.kind;
 
 CREATE VIEW foreshadow.row_version AS
-SELECT v.relid::regclass AS table_name, v.key, foreshadow.hlc_text(v.hlc) AS hlc,
-       v.origin, v.vv, v.deleted
+SELECT v.relid::regclass AS table_name, v.key::jsonb AS key, foreshadow.hlc_text(v.hlc) AS hlc,
+       v.origin, v.vv::jsonb AS vv, v.deleted
   FROM foreshadow.row_versions v;
 
 CREATE FUNCTION foreshadow.make_global(tbl regclass, strategy text DEFAULT 'lww',
@@ -239,7 +247,8 @@ DECLARE
     t        foreshadow.tables;
     v_target text;
 BEGIN
-    SELECT * INTO STRICT t FROM foreshadow.tables WHERE relid = tbl;
+    -- Not guarded while its triggers are remade (see guard_capture).
+    UPDATE foreshadow.tables SET guarded = false WHERE relid = tbl RETURNING * INTO STRICT t;
     v_target := format('%I.%I', t.schema_name, t.table_name);
     EXECUTE format('CREATE OR REPLACE TRIGGER foreshadow_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
                    'FOR EACH ROW EXECUTE FUNCTION foreshadow.capture()', v_target);
@@ -255,6 +264,8 @@ BEGIN
     ELSIF EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = tbl AND g.tgname = 'foreshadow_counter_nulls') THEN
         EXECUTE format('DROP TRIGGER foreshadow_counter_nulls ON %s', v_target);
     END IF;
+    UPDATE foreshadow.tables SET guarded = true WHERE relid = tbl;
+    PERFORM foreshadow.check_capture(tbl);
 END
 $$;
 
@@ -403,55 +414,60 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     dropped oid[];
-    v_trigger text;
 BEGIN
     SELECT array_agg(objid) INTO dropped FROM pg_event_trigger_dropped_objects()
      WHERE classid = 'pg_class'::regclass AND objsubid = 0;
     DELETE FROM foreshadow.row_versions v WHERE v.relid = ANY (dropped);
     DELETE FROM foreshadow.tables t WHERE t.relid = ANY (dropped);
-    -- Without its capture trigger a global table's writes would stay here.
-    SELECT o.object_identity INTO v_trigger
-      FROM pg_event_trigger_dropped_objects() o
-      JOIN foreshadow.tables t ON t.schema_name = o.address_names[1] AND t.table_name = o.address_names[2]
-     WHERE o.object_type = 'trigger' AND o.address_names[3] IN ('foreshadow_capture', 'foreshadow_no_truncate');
-    IF FOUND THEN
-        RAISE EXCEPTION 'cannot drop trigger %: its table is a global table', v_trigger
-            USING ERRCODE = 'dependent_objects_still_exist',
-                  DETAIL = 'Writes to the table would no longer reach the other regions.',
-                  HINT = 'Call foreshadow.drop_global() on the table instead.';
-    END IF;
 END
 $$;
 CREATE EVENT TRIGGER foreshadow_sql_drop ON sql_drop EXECUTE FUNCTION foreshadow.on_sql_drop();
+-- Also in sessions with session_replication_role = replica.
+ALTER EVENT TRIGGER foreshadow_sql_drop ENABLE ALWAYS;
 
--- Refuses ALTER TABLE ... DISABLE TRIGGER (or ENABLE REPLICA) on the
--- triggers that capture a global table's writes: that would let writes
--- bypass capture silently, and the regions would diverge.
-CREATE FUNCTION foreshadow.guard_capture() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER
+-- Raises unless global table tbl has its capture trigger (and the one that
+-- refuses TRUNCATE) as make_global made them: Foreshadow's functions,
+-- ENABLE ALWAYS. Anything else would let writes bypass capture silently, and
+-- the regions would diverge.
+CREATE FUNCTION foreshadow.check_capture(tbl regclass) RETURNS void
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_table regclass;
     v_trigger name;
 BEGIN
-    SELECT g.tgrelid::regclass, g.tgname INTO v_table, v_trigger
-      FROM pg_event_trigger_ddl_commands() c
-      JOIN foreshadow.tables t ON t.relid = c.objid
-      JOIN pg_trigger g ON g.tgrelid = t.relid
-     WHERE c.classid = 'pg_class'::regclass
-       AND g.tgname IN ('foreshadow_capture', 'foreshadow_no_truncate', 'foreshadow_counter_nulls')
-       AND g.tgenabled <> 'A';
+    SELECT n.name INTO v_trigger
+      FROM (VALUES ('foreshadow_capture'::name, 'foreshadow.capture()'::regprocedure),
+                   ('foreshadow_no_truncate', 'foreshadow.refuse_truncate()')) AS n(name, fn)
+     WHERE NOT EXISTS (SELECT 1 FROM pg_trigger g
+                        WHERE g.tgrelid = tbl AND g.tgname = n.name
+                          AND g.tgfoid = n.fn AND g.tgenabled = 'A');
     IF FOUND THEN
-        RAISE EXCEPTION 'trigger % of global table % must stay enabled', v_trigger, v_table
+        RAISE EXCEPTION 'trigger % of global table % must stay as foreshadow.make_global() made it', v_trigger, tbl
             USING ERRCODE = 'object_not_in_prerequisite_state',
-                  DETAIL = 'Writes would bypass capture and no longer reach the other regions.',
+                  DETAIL = 'Disabled, dropped, renamed or replaced, it would let writes bypass capture; they would no longer reach the other regions.',
                   HINT = 'Call foreshadow.drop_global() on the table to stop replicating it.';
     END IF;
 END
 $$;
-CREATE EVENT TRIGGER foreshadow_guard_capture ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+
+-- After any command that can change a table's triggers: every global table
+-- still has its capture triggers (refuses ALTER TABLE ... DISABLE TRIGGER,
+-- ENABLE REPLICA TRIGGER, ALTER TRIGGER ... RENAME, CREATE OR REPLACE
+-- TRIGGER with another function, DROP TRIGGER). Tables whose triggers
+-- make_global or refresh_table are (re)making are not yet guarded.
+CREATE FUNCTION foreshadow.guard_capture() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM foreshadow.check_capture(t.relid::regclass) FROM foreshadow.tables t WHERE t.guarded;
+END
+$$;
+CREATE EVENT TRIGGER foreshadow_guard_capture ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE', 'ALTER TRIGGER', 'CREATE TRIGGER', 'DROP TRIGGER')
     EXECUTE FUNCTION foreshadow.guard_capture();
+ALTER EVENT TRIGGER foreshadow_guard_capture ENABLE ALWAYS;
 
 -- Only the extension owner (and roles it grants) may change global tables,
 -- feed intents or touch anything internal; anyone may look. (Trigger
@@ -463,7 +479,7 @@ REVOKE EXECUTE ON FUNCTION foreshadow.make_global(regclass, text, boolean), fore
     foreshadow.retry_dead_letters(), foreshadow.note_lane_error(text, text),
     foreshadow.grant_sidecar(regrole), foreshadow.link_key(),
     foreshadow.capture(), foreshadow.counter_nulls(), foreshadow.refuse_truncate(),
-    foreshadow.on_sql_drop(), foreshadow.guard_capture() FROM PUBLIC;
+    foreshadow.on_sql_drop(), foreshadow.guard_capture(), foreshadow.check_capture(regclass) FROM PUBLIC;
 GRANT USAGE ON SCHEMA foreshadow TO PUBLIC;
 GRANT SELECT ON foreshadow.global_tables, foreshadow.strategies TO PUBLIC;
 -- Lane errors can quote row values: monitoring roles only.

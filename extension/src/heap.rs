@@ -68,6 +68,25 @@ impl Drop for Switch {
     }
 }
 
+/// Foreshadow's own triggers are ENABLE ALWAYS (so that no session can
+/// write a global table without capture), but an applied row is a peer's
+/// write: capture would skip it anyway, and a counter is never NULL here.
+/// They are switched off in this executor state's own copy of the
+/// relation's triggers, so an applied row queues no trigger event for them.
+unsafe fn skip_own_triggers(relinfo: *mut pg_sys::ResultRelInfo) {
+    let desc = (*relinfo).ri_TrigDesc;
+    if desc.is_null() {
+        return;
+    }
+    for i in 0..(*desc).numtriggers as usize {
+        let t = (*desc).triggers.add(i);
+        let name = CStr::from_ptr((*t).tgname);
+        if name == c"foreshadow_capture" || name == c"foreshadow_counter_nulls" {
+            (*t).tgenabled = pg_sys::TRIGGER_DISABLED as std::ffi::c_char;
+        }
+    }
+}
+
 unsafe fn node<T>(tag: pg_sys::NodeTag) -> *mut T {
     let p = pg_sys::palloc0(std::mem::size_of::<T>()) as *mut T;
     (*(p as *mut pg_sys::Node)).type_ = tag;
@@ -104,6 +123,7 @@ impl Heap {
             pg_sys::ExecInitRangeTable(estate, pg_sys::lappend(std::ptr::null_mut(), rte.cast()));
             let relinfo = node::<pg_sys::ResultRelInfo>(pg_sys::NodeTag::T_ResultRelInfo);
             pg_sys::InitResultRelInfo(relinfo, rel, 1, std::ptr::null_mut(), 0);
+            skip_own_triggers(relinfo);
             (*estate).es_opened_result_relations =
                 pg_sys::lappend((*estate).es_opened_result_relations, relinfo.cast());
             (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);

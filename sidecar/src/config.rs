@@ -101,14 +101,9 @@ fn check_region_name(key: &str, name: &str) -> Result<(), ConfigError> {
     }
 }
 
-fn check_dsn(key: &str, dsn: &str) -> Result<(), ConfigError> {
-    let target = crate::tls::parse_dsn(dsn)
-        .map_err(|e| invalid(key, format!("not a valid connection string: {e}")))?;
-    // The certificate files are read now: a wrong path fails at startup,
-    // not at the first connection.
-    crate::tls::client_config(&target.tls)
-        .map(|_| ())
-        .map_err(|e| invalid(key, e))
+fn check_dsn(key: &str, dsn: &str) -> Result<crate::tls::Target, ConfigError> {
+    crate::tls::parse_dsn(dsn)
+        .map_err(|e| invalid(key, format!("not a valid connection string: {e}")))
 }
 
 impl Config {
@@ -118,13 +113,31 @@ impl Config {
             path: shown.clone(),
             source,
         })?;
-        Config::parse(&text).map_err(|e| match e {
+        let config = Config::parse(&text).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: shown,
                 message,
             },
             other => other,
-        })
+        })?;
+        config.check_files()?;
+        Ok(config)
+    }
+
+    /// Reads the certificate and key files the DSNs name: a wrong path or a
+    /// bad file fails at startup, not at the first connection.
+    fn check_files(&self) -> Result<(), ConfigError> {
+        let dsns = std::iter::once(("primary".to_string(), &self.primary)).chain(
+            self.peers
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (format!("peers[{i}].dsn"), &p.dsn)),
+        );
+        for (key, dsn) in dsns {
+            let target = check_dsn(&key, dsn)?;
+            crate::tls::client_config(&target.tls).map_err(|e| invalid(&key, e))?;
+        }
+        Ok(())
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -193,6 +206,24 @@ mod tests {
     #[test]
     fn the_shipped_example_is_valid() {
         Config::parse(include_str!("../foreshadow-sidecar.example.toml")).unwrap();
+    }
+
+    #[test]
+    fn a_missing_certificate_fails_at_load_naming_the_key() {
+        let path = std::env::temp_dir().join(format!("fs-config-{}.toml", std::process::id()));
+        let text = GOOD.replace(
+            "port=5432 user=foreshadow",
+            "sslmode=verify-full sslrootcert=/nonexistent/ca.crt port=5432 user=foreshadow",
+        );
+        std::fs::write(&path, &text).unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            e.contains("`peers[0].dsn`") && e.contains("/nonexistent/ca.crt"),
+            "{e}"
+        );
+        // Parsing alone (e.g. the shipped example) does not read files.
+        Config::parse(&text).unwrap();
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! TLS to PostgreSQL for both kinds of connection. libpq's sslmode,
 //! sslrootcert, sslcert and sslkey are taken out of the DSN (tokio-postgres
 //! knows only disable/prefer/require and rejects the rest) and turned into
-//! a rustls client configuration on the ring provider; libpq's passfile
-//! (a pgpass-format file) supplies the password when the DSN has none.
+//! a rustls client configuration on the ring provider; a pgpass-format file
+//! supplies the password when the DSN has none (the DSN's passfile, else
+//! PGPASSFILE, else ~/.pgpass, as libpq looks).
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -97,6 +98,14 @@ pub fn parse_dsn(dsn: &str) -> Result<Target, String> {
         SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
         _ => tokio_postgres::config::SslMode::Require,
     });
+    // As libpq: the DSN's passfile, else PGPASSFILE, else ~/.pgpass if any.
+    let passfile = passfile
+        .or_else(|| std::env::var_os("PGPASSFILE").map(PathBuf::from))
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| Path::new(&h).join(".pgpass"))
+                .filter(|p| p.exists())
+        });
     if let (None, Some(file)) = (pg.get_password(), passfile) {
         if let Some(password) = from_passfile(&file, &pg)? {
             pg.password(password);

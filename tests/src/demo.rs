@@ -126,7 +126,7 @@ async fn drive(lab: &Lab, opts: &DemoOptions) -> Result<(), String> {
     let winners = c
         .query(
             "SELECT a.id, a.region, a.balance, v.origin, foreshadow.hlc_text(v.hlc) AS hlc \
-             FROM accounts a JOIN foreshadow.row_versions v ON v.relid = 'accounts'::regclass AND v.key ->> 'id' = a.id::text \
+             FROM accounts a JOIN foreshadow.row_versions v ON v.relid = 'accounts'::regclass AND v.key::jsonb ->> 'id' = a.id::text \
              WHERE a.id <= $1 ORDER BY a.id",
             &[&(opts.hot_keys as i64)],
         )

@@ -132,7 +132,7 @@ async fn same_new_key_inserted_at_once_converges() {
         let rows = c
             .query(
                 "SELECT v.key::text, v.origin, t.region FROM foreshadow.row_versions v \
-                 LEFT JOIN newkeys t ON v.key ->> 'id' = t.id::text \
+                 LEFT JOIN newkeys t ON v.key::jsonb ->> 'id' = t.id::text \
                  WHERE v.relid = 'newkeys'::regclass",
                 &[],
             )

@@ -311,6 +311,7 @@ async fn capture_cannot_be_bypassed() {
         "ALTER TABLE notes DISABLE TRIGGER foreshadow_capture",
         "ALTER TABLE notes DISABLE TRIGGER ALL",
         "ALTER TABLE notes ENABLE REPLICA TRIGGER foreshadow_capture",
+        "ALTER TRIGGER foreshadow_capture ON notes RENAME TO renamed",
         "DROP TRIGGER foreshadow_capture ON notes",
     ] {
         let e = owner.batch_execute(sql).await.expect_err(sql);

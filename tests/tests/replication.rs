@@ -138,7 +138,7 @@ async fn concurrent_updates_converge_to_one_lww_winner() {
     let c = lab.client(&r[1]).await.unwrap();
     let mismatched = c
         .query_one(
-            "SELECT count(*) FROM accounts a JOIN foreshadow.row_versions v ON v.key ->> 'id' = a.id::text \
+            "SELECT count(*) FROM accounts a JOIN foreshadow.row_versions v ON v.key::jsonb ->> 'id' = a.id::text \
              WHERE a.region <> v.origin OR v.deleted",
             &[],
         )
