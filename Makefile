@@ -13,7 +13,7 @@ PREFIX ?= /usr/local
 PGRX_TEST_DATA ?= /tmp/foreshadow-pgrx-test
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all deps install demo test test-unit test-pg test-integration bench bench-quick lint clean
+.PHONY: all deps install demo test test-unit test-pg test-integration bench bench-quick chaos lint clean
 
 all: install
 
@@ -66,6 +66,11 @@ bench: install
 
 bench-quick: install
 	foreshadow-lab bench all --quick --out bench/results/quick
+
+# Ten minutes of faults against 3 regions with a fresh seed (printed, with the
+# command that replays it); `make test` runs a short form with a fixed seed.
+chaos: install
+	foreshadow-lab chaos --regions 3 --minutes 10
 
 lint:
 	cargo fmt --all -- --check

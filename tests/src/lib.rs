@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod certs;
+pub mod chaos;
 pub mod cluster;
 pub mod demo;
 pub mod lab;

@@ -12,6 +12,8 @@ fn usage() -> &'static str {
   foreshadow-lab up --dir DIR --regions N [--wan-ms MS] [--engine foreshadow|pglogical|plain] [--tls]
   foreshadow-lab down --dir DIR [--keep]
   foreshadow-lab fault --dir DIR --region NAME <kill-sidecar|start-sidecar|stop-pg|start-pg|cut|heal>
+  foreshadow-lab chaos [--regions N] [--minutes M | --seconds S] [--seed S] [--engine foreshadow|pglogical]
+                 [--wan-ms MS] [--dir DIR] [--keep]
   foreshadow-lab demo [--dir DIR] [--regions N] [--wan-ms MS] [--seconds S] [--hot-keys K] [--keep]
   foreshadow-lab bench <overhead|lag|conflicts|catchup|all> [--regions N] [--wan-ms MS] [--seconds S] [--quick]
                  [--scale N] [--clients N] [--rate ROWS_PER_S] [--hot-keys K] [--out DIR]"
@@ -109,6 +111,46 @@ async fn dispatch(args: Args) -> Result<(), String> {
             println!("{fault}: done for region {region}");
             Ok(())
         }
+        "chaos" => {
+            args.check_known(&[
+                "--regions",
+                "--minutes",
+                "--seconds",
+                "--seed",
+                "--engine",
+                "--wan-ms",
+                "--dir",
+                "--keep",
+            ])?;
+            let seconds = match args.flags.get("--minutes") {
+                Some(_) => args.get::<u64>("--minutes", None)? * 60,
+                None => args.get("--seconds", Some(180))?,
+            };
+            // Without --seed: a fresh one, printed so that the run can be replayed.
+            let seed = args.get("--seed", Some(std::process::id() as u64 ^ now_ns()))?;
+            let engine = args.get("--engine", Some(Engine::Foreshadow))?;
+            let default_dir = std::env::temp_dir().join(format!(
+                "foreshadow-chaos-{}-{seed}-{}",
+                engine.name(),
+                std::process::id()
+            ));
+            let verdict = foreshadow_lab::chaos::run(foreshadow_lab::chaos::ChaosOptions {
+                dir: args.get("--dir", Some(default_dir))?,
+                regions: args.get("--regions", Some(3))?,
+                seconds,
+                seed,
+                engine,
+                wan_ms: args.get("--wan-ms", Some(10))?,
+                keep: args.flags.contains_key("--keep"),
+            })
+            .await?;
+            print!("{}", verdict.render());
+            if verdict.passed() {
+                Ok(())
+            } else {
+                Err("chaos: invariants violated (see the verdict above)".into())
+            }
+        }
         "demo" => {
             args.check_known(&[
                 "--dir",
@@ -188,6 +230,13 @@ async fn dispatch(args: Args) -> Result<(), String> {
         }
         other => Err(format!("unknown command {other:?}\n{}", usage())),
     }
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 fn main() -> ExitCode {

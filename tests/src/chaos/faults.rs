@@ -1,0 +1,144 @@
+//! The faults a chaos run injects, each with its heal: a killed sidecar is
+//! started again, a stopped PostgreSQL started, a cut region reconnected, a
+//! skewed clock (libfaketime, up to ±250 ms) set back at the end.
+
+use crate::lab::{Fault, Lab};
+use crate::spec::Engine;
+use crate::workload::Rng;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// SIGKILL of a region's sidecar, restarted after a pause.
+    KillSidecar,
+    /// Immediate stop of a region's PostgreSQL, started after a pause.
+    StopPostgres,
+    /// A region cut off from every other (both directions), then healed.
+    Isolate,
+    /// A region's wall clock shifted by up to ±250 ms (PostgreSQL restarted
+    /// under libfaketime); set back when the run heals.
+    SkewClock,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::KillSidecar => "kill-sidecar",
+            Kind::StopPostgres => "stop-postgres",
+            Kind::Isolate => "isolate-region",
+            Kind::SkewClock => "skew-clock",
+        }
+    }
+}
+
+/// Every fault injected, with when and where.
+#[derive(Default)]
+pub struct FaultLog {
+    started: Option<Instant>,
+    entries: Vec<(Duration, Kind, String, String)>,
+    skewed: Vec<String>,
+}
+
+impl FaultLog {
+    fn note(&mut self, kind: Kind, region: &str, detail: String) {
+        let at = self.started.get_or_insert_with(Instant::now).elapsed();
+        eprintln!(
+            "chaos: {:>7.1} s  {} {region} {detail}",
+            at.as_secs_f64(),
+            kind.name()
+        );
+        self.entries.push((at, kind, region.into(), detail));
+    }
+
+    pub fn counts(&self) -> Vec<(String, usize)> {
+        let mut counts = BTreeMap::new();
+        for (_, k, _, _) in &self.entries {
+            *counts.entry(k.name().to_string()).or_default() += 1;
+        }
+        counts.into_iter().collect()
+    }
+}
+
+/// A fault kind from the seed; sidecar faults only where there are sidecars.
+pub fn pick(rng: &mut Rng, engine: Engine) -> Kind {
+    let kinds: &[Kind] = match engine {
+        Engine::Foreshadow => &[
+            Kind::KillSidecar,
+            Kind::StopPostgres,
+            Kind::Isolate,
+            Kind::SkewClock,
+        ],
+        _ => &[Kind::StopPostgres, Kind::Isolate, Kind::SkewClock],
+    };
+    kinds[rng.next_u64() as usize % kinds.len()]
+}
+
+/// Injects `kind` on `region` and heals it after a pause from the seed
+/// (a skewed clock stays skewed until `heal_all`).
+pub async fn inject(
+    lab: &Lab,
+    kind: Kind,
+    region: &str,
+    rng: &mut Rng,
+    log: &mut FaultLog,
+) -> Result<(), String> {
+    let pause = Duration::from_millis(500 + rng.next_u64() % 2_500);
+    let detail = format!("for {} ms", pause.as_millis());
+    match kind {
+        Kind::KillSidecar => {
+            log.note(kind, region, detail);
+            lab.fault(region, Fault::KillSidecar)?;
+            tokio::time::sleep(pause).await;
+            lab.fault(region, Fault::StartSidecar)?;
+        }
+        Kind::StopPostgres => {
+            log.note(kind, region, detail);
+            lab.fault(region, Fault::StopPg)?;
+            tokio::time::sleep(pause).await;
+            lab.skew_clock(region, skew_of(log, region))?;
+        }
+        Kind::Isolate => {
+            log.note(kind, region, detail);
+            lab.fault(region, Fault::Cut)?;
+            tokio::time::sleep(pause).await;
+            lab.fault(region, Fault::Heal)?;
+        }
+        Kind::SkewClock => {
+            let offset = (rng.next_u64() % 501) as i64 - 250;
+            log.note(kind, region, format!("{offset:+} ms"));
+            log.skewed.retain(|r| r != region);
+            log.skewed.push(format!("{region}={offset}"));
+            lab.skew_clock(region, offset)?;
+        }
+    }
+    Ok(())
+}
+
+/// The clock offset a region runs with now (0 unless skewed).
+fn skew_of(log: &FaultLog, region: &str) -> i64 {
+    log.skewed
+        .iter()
+        .filter_map(|s| s.strip_prefix(&format!("{region}=")))
+        .filter_map(|o| o.parse().ok())
+        .next_back()
+        .unwrap_or(0)
+}
+
+/// Heals everything: links joined, every PostgreSQL running on the real
+/// clock, every sidecar running.
+pub async fn heal_all(lab: &Lab, log: &mut FaultLog) -> Result<(), String> {
+    for r in &lab.spec.regions {
+        lab.fault(&r.name, Fault::Heal)?;
+        if skew_of(log, &r.name) != 0 || !lab.cluster(&r.name).running() {
+            lab.skew_clock(&r.name, 0)?;
+        }
+        if lab.spec.engine == Engine::Foreshadow
+            && !lab.sidecar_pid(&r.name).is_some_and(crate::proc::alive)
+        {
+            lab.fault(&r.name, Fault::StartSidecar)?;
+        }
+    }
+    log.skewed.clear();
+    Ok(())
+}
