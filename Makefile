@@ -51,7 +51,9 @@ test-unit:
 # In-database tests of the SQL API, in a throw-away cluster run as postgres.
 test-pg: deps
 	$(SUDO) rm -rf $(PGRX_TEST_DATA) && $(SUDO) install -d -o postgres $(PGRX_TEST_DATA)
-	cd extension && cargo pgrx test pg15 --runas postgres --pgdata $(PGRX_TEST_DATA)/data
+	# One test at a time: tests that apply set up a replication origin, and
+	# an origin is active in one session at a time.
+	cd extension && RUST_TEST_THREADS=1 cargo pgrx test pg15 --runas postgres --pgdata $(PGRX_TEST_DATA)/data
 
 # End to end on real multi-region labs; each test starts its own, serially.
 # Includes the benchmark smoke tests (every scenario, --quick, both engines).

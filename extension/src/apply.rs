@@ -360,6 +360,7 @@ fn decide(
 /// letter if it can never apply here. `peer`: the region whose stream
 /// carried it; only that region's own writes are accepted from it.
 pub fn apply_raw(client: &mut SpiClient<'_>, heaps: &mut Heaps, peer: &str, raw: &str) -> Outcome {
+    heaps.next_command();
     if let Some(r) = Rejected::of(raw) {
         reject(client, peer, Reject::Forged, &r.reason, &r.message);
         return Outcome::default();

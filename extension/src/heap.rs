@@ -104,6 +104,20 @@ impl Heaps {
             .or_insert_with(|| Rc::new(Heap::open(table.clone())))
             .clone()
     }
+
+    /// Makes what the intents applied so far wrote visible to the next one,
+    /// as PostgreSQL's apply worker does after each change: a row (or its
+    /// version) written twice in one apply call, by one peer transaction or
+    /// a run of them, is otherwise "invisible" to the second write's lock.
+    pub fn next_command(&self) {
+        unsafe {
+            pg_sys::CommandCounterIncrement();
+            let cid = pg_sys::GetCurrentCommandId(true);
+            for heap in self.0.values() {
+                (*heap.estate).es_output_cid = cid;
+            }
+        }
+    }
 }
 
 impl Heap {

@@ -5,25 +5,30 @@ mod tests {
     use pgrx::prelude::*;
 
     /// Applies a batch as the sidecar does: in a session with the peer's
-    /// replication origin, through `foreshadow.apply_transaction`.
+    /// replication origin, through `foreshadow.apply_transaction`. The
+    /// origin is this backend's own: tests run in parallel, and an origin
+    /// can be set up in one session at a time.
     fn apply(batch: &str) -> i32 {
         Spi::run(
-            "SELECT pg_replication_origin_create('foreshadow_from_peer') \
-             WHERE pg_replication_origin_oid('foreshadow_from_peer') IS NULL",
+            "SELECT pg_replication_origin_create('foreshadow_test_' || pg_backend_pid()) \
+             WHERE pg_replication_origin_oid('foreshadow_test_' || pg_backend_pid()) IS NULL",
         )
         .unwrap();
         Spi::run(
-            "SELECT pg_replication_origin_session_setup('foreshadow_from_peer') \
+            "SELECT pg_replication_origin_session_setup('foreshadow_test_' || pg_backend_pid()) \
              WHERE NOT pg_replication_origin_session_is_setup()",
         )
         .unwrap();
-        Spi::get_one_with_args::<i32>(
+        let changed = Spi::get_one_with_args::<i32>(
             "SELECT foreshadow.apply_transaction('peer', $1, p::text, (p + 1)::text, now()) \
              FROM coalesce(pg_replication_origin_session_progress(false), '0/0') AS p",
             &[batch.into()],
         )
         .unwrap()
-        .unwrap()
+        .unwrap();
+        // Let go of the origin: the next test's backend may get its id.
+        Spi::run("SELECT pg_replication_origin_session_reset()").unwrap();
+        changed
     }
 
     /// The message of the error `f` raises ("" if none).
@@ -244,6 +249,40 @@ mod tests {
         assert_eq!(
             Spi::get_one::<i64>("SELECT balance FROM accounts WHERE id = 5"),
             Ok(Some(7))
+        );
+    }
+
+    /// One peer transaction that writes a row twice (insert, then update),
+    /// or a run of peer transactions applied together that does: each write
+    /// sees the one before it.
+    #[pg_test]
+    fn a_row_written_twice_in_one_apply_call_applies() {
+        setup_accounts();
+        let intent = |op: &str, hlc: i64, balance: i64| {
+            format!(
+                r#"{{"v":2,"origin":"peer","hlc":{hlc},"schema":"public","table":"accounts","op":"{op}","key":{{"id":"7"}},"row":{{"id":"7","owner":"p","balance":"{balance}"}},"vv":{{"peer":{hlc}}},"strategy":"lww","class":"data"}}"#
+            )
+        };
+        let batch = format!(
+            "[{}, {}, {}, {}, {}]",
+            intent("insert", 1, 10),
+            intent("update", 2, 20),
+            intent("delete", 3, 0),
+            intent("insert", 4, 40),
+            intent("update", 5, 50)
+        );
+        assert!(apply(&batch) > 0);
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT balance FROM accounts WHERE id = 7"),
+            Ok(Some(50))
+        );
+        assert_eq!(
+            Spi::get_two::<i64, bool>("SELECT hlc, deleted FROM foreshadow.row_versions"),
+            Ok((Some(5), Some(false)))
+        );
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM foreshadow.row_versions"),
+            Ok(Some(1))
         );
     }
 

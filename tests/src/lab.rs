@@ -4,7 +4,7 @@
 
 use crate::cluster::Cluster;
 use crate::proc::{self, free_port, sibling_binary, spawn_detached};
-use crate::proxy::cut_flag;
+use crate::proxy::{cut_flag, hole_flag};
 use crate::spec::{Engine, LabSpec, Link, Region};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -21,6 +21,7 @@ pub enum Fault {
     StopPg,
     StartPg,
     Cut,
+    Blackhole,
     Heal,
 }
 
@@ -33,10 +34,11 @@ impl std::str::FromStr for Fault {
             "stop-pg" => Fault::StopPg,
             "start-pg" => Fault::StartPg,
             "cut" => Fault::Cut,
+            "blackhole" => Fault::Blackhole,
             "heal" => Fault::Heal,
             other => {
                 return Err(format!(
-                    "unknown fault {other:?}: use kill-sidecar, start-sidecar, stop-pg, start-pg, cut or heal"
+                    "unknown fault {other:?}: use kill-sidecar, start-sidecar, stop-pg, start-pg, cut, blackhole or heal"
                 ))
             }
         })
@@ -505,10 +507,15 @@ impl Lab {
             Fault::Cut => {
                 std::fs::write(cut_flag(&self.dir, region), b"").map_err(|e| e.to_string())
             }
-            Fault::Heal => match std::fs::remove_file(cut_flag(&self.dir, region)) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
-                _ => Ok(()),
-            },
+            Fault::Blackhole => {
+                std::fs::write(hole_flag(&self.dir, region), b"").map_err(|e| e.to_string())
+            }
+            Fault::Heal => [cut_flag(&self.dir, region), hole_flag(&self.dir, region)]
+                .iter()
+                .try_for_each(|f| match std::fs::remove_file(f) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+                    _ => Ok(()),
+                }),
         }
     }
 

@@ -11,7 +11,7 @@ fn usage() -> &'static str {
     "usage:
   foreshadow-lab up --dir DIR --regions N [--wan-ms MS] [--engine foreshadow|pglogical|plain] [--tls]
   foreshadow-lab down --dir DIR [--keep]
-  foreshadow-lab fault --dir DIR --region NAME <kill-sidecar|start-sidecar|stop-pg|start-pg|cut|heal>
+  foreshadow-lab fault --dir DIR --region NAME <kill-sidecar|start-sidecar|stop-pg|start-pg|cut|blackhole|heal>
   foreshadow-lab chaos [--regions N] [--minutes M | --seconds S] [--seed S] [--engine foreshadow|pglogical]
                  [--wan-ms MS] [--dir DIR] [--keep]
   foreshadow-lab demo [--dir DIR] [--regions N] [--wan-ms MS] [--seconds S] [--hot-keys K] [--keep]

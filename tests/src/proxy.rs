@@ -1,6 +1,8 @@
 //! The WAN simulator: a TCP proxy per cross-region link that delays every
 //! byte by a fixed time each way (no `tc netem` on these machines) and can
-//! cut a region off from the others.
+//! cut a region off from the others in two ways: reset (connections closed
+//! and refused, as a crashed peer) or black-holed (connections stay open and
+//! nothing gets through, as a cut WAN link: nobody is told).
 //!
 //! Delay is applied by timestamping chunks as they are read and releasing
 //! them at `read time + delay`, so a link keeps its bandwidth: the delay is
@@ -19,10 +21,21 @@ pub fn cut_flag(dir: &Path, region: &str) -> PathBuf {
     dir.join(format!("cut-{region}"))
 }
 
+pub fn hole_flag(dir: &Path, region: &str) -> PathBuf {
+    dir.join(format!("blackhole-{region}"))
+}
+
+/// Which regions are cut off now, and how.
+#[derive(Clone, Default, PartialEq)]
+struct Cuts {
+    reset: BTreeSet<String>,
+    holed: BTreeSet<String>,
+}
+
 /// Runs every link of the lab until killed.
 pub async fn serve(dir: PathBuf, spec: LabSpec) -> std::io::Result<()> {
     let regions: Vec<String> = spec.regions.iter().map(|r| r.name.clone()).collect();
-    let (cut_tx, cut_rx) = watch::channel(BTreeSet::new());
+    let (cut_tx, cut_rx) = watch::channel(Cuts::default());
     tokio::spawn(watch_cut_flags(dir, regions, cut_tx));
     let delay = Duration::from_millis(spec.wan_ms);
     let mut tasks = Vec::new();
@@ -41,13 +54,19 @@ pub async fn serve(dir: PathBuf, spec: LabSpec) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn watch_cut_flags(dir: PathBuf, regions: Vec<String>, tx: watch::Sender<BTreeSet<String>>) {
+async fn watch_cut_flags(dir: PathBuf, regions: Vec<String>, tx: watch::Sender<Cuts>) {
     loop {
-        let cut: BTreeSet<String> = regions
-            .iter()
-            .filter(|r| cut_flag(&dir, r).exists())
-            .cloned()
-            .collect();
+        let flagged = |flag: fn(&Path, &str) -> PathBuf| -> BTreeSet<String> {
+            regions
+                .iter()
+                .filter(|r| flag(&dir, r).exists())
+                .cloned()
+                .collect()
+        };
+        let cut = Cuts {
+            reset: flagged(cut_flag),
+            holed: flagged(hole_flag),
+        };
         tx.send_if_modified(|cur| {
             let changed = *cur != cut;
             *cur = cut.clone();
@@ -57,21 +76,21 @@ async fn watch_cut_flags(dir: PathBuf, regions: Vec<String>, tx: watch::Sender<B
     }
 }
 
-fn is_cut(link: &Link, cut: &BTreeSet<String>) -> bool {
-    cut.contains(&link.from) || cut.contains(&link.to)
+fn touches(link: &Link, regions: &BTreeSet<String>) -> bool {
+    regions.contains(&link.from) || regions.contains(&link.to)
 }
 
 async fn accept_loop(
     listener: TcpListener,
     link: Link,
     delay: Duration,
-    cut: watch::Receiver<BTreeSet<String>>,
+    cut: watch::Receiver<Cuts>,
 ) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
             continue;
         };
-        if is_cut(&link, &cut.borrow()) {
+        if touches(&link, &cut.borrow().reset) {
             continue; // dropping the socket refuses the connection
         }
         let Ok(server) = TcpStream::connect(("127.0.0.1", link.target_port)).await else {
@@ -83,20 +102,29 @@ async fn accept_loop(
         let (sr, sw) = server.into_split();
         let mut cut_rx = cut.clone();
         let link = link.clone();
+        let hole = {
+            let (cut, link) = (cut.clone(), link.clone());
+            move || touches(&link, &cut.borrow().holed)
+        };
         tokio::spawn(async move {
             tokio::select! {
-                _ = pump(cr, sw, delay) => {}
-                _ = pump(sr, cw, delay) => {}
-                _ = async { while cut_rx.changed().await.is_ok() && !is_cut(&link, &cut_rx.borrow()) {} } => {}
+                _ = pump(cr, sw, delay, hole.clone()) => {}
+                _ = pump(sr, cw, delay, hole) => {}
+                _ = async { while cut_rx.changed().await.is_ok() && !touches(&link, &cut_rx.borrow().reset) {} } => {}
             }
         });
     }
 }
 
+/// Copies `from` to `to`, each chunk `delay` later; while `holed()`,
+/// nothing gets through and nobody is told (the connection stays open, as
+/// on a cut WAN link), and what was sent arrives once it heals, as TCP
+/// retransmits it (nothing is dropped from the middle of a stream).
 async fn pump(
     mut from: impl AsyncReadExt + Unpin,
     mut to: impl AsyncWriteExt + Unpin + Send + 'static,
     delay: Duration,
+    holed: impl Fn() -> bool,
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
     let writer = tokio::spawn(async move {
@@ -113,6 +141,9 @@ async fn pump(
         match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                while holed() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 if tx
                     .send((Instant::now() + delay, buf[..n].to_vec()))
                     .is_err()

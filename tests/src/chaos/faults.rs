@@ -1,6 +1,7 @@
 //! The faults a chaos run injects, each with its heal: a killed sidecar is
-//! started again, a stopped PostgreSQL started, a cut region reconnected, a
-//! skewed clock (libfaketime, up to ±250 ms) set back at the end.
+//! started again, a stopped PostgreSQL started, a cut or black-holed region
+//! reconnected, a skewed clock (libfaketime, up to ±250 ms) set back at the
+//! end.
 
 use crate::lab::{Fault, Lab};
 use crate::spec::Engine;
@@ -14,8 +15,12 @@ pub enum Kind {
     KillSidecar,
     /// Immediate stop of a region's PostgreSQL, started after a pause.
     StopPostgres,
-    /// A region cut off from every other (both directions), then healed.
+    /// A region cut off from every other (both directions, connections
+    /// reset and refused), then healed.
     Isolate,
+    /// A region's links black-holed: connections stay open, every byte
+    /// vanishes, nobody is told (a cut WAN link); then healed.
+    BlackHole,
     /// A region's wall clock shifted by up to ±250 ms (PostgreSQL restarted
     /// under libfaketime); set back when the run heals.
     SkewClock,
@@ -27,6 +32,7 @@ impl Kind {
             Kind::KillSidecar => "kill-sidecar",
             Kind::StopPostgres => "stop-postgres",
             Kind::Isolate => "isolate-region",
+            Kind::BlackHole => "black-hole-region",
             Kind::SkewClock => "skew-clock",
         }
     }
@@ -67,9 +73,15 @@ pub fn pick(rng: &mut Rng, engine: Engine) -> Kind {
             Kind::KillSidecar,
             Kind::StopPostgres,
             Kind::Isolate,
+            Kind::BlackHole,
             Kind::SkewClock,
         ],
-        _ => &[Kind::StopPostgres, Kind::Isolate, Kind::SkewClock],
+        _ => &[
+            Kind::StopPostgres,
+            Kind::Isolate,
+            Kind::BlackHole,
+            Kind::SkewClock,
+        ],
     };
     kinds[rng.next_u64() as usize % kinds.len()]
 }
@@ -98,9 +110,14 @@ pub async fn inject(
             tokio::time::sleep(pause).await;
             lab.skew_clock(region, skew_of(log, region))?;
         }
-        Kind::Isolate => {
+        Kind::Isolate | Kind::BlackHole => {
             log.note(kind, region, detail);
-            lab.fault(region, Fault::Cut)?;
+            let cut = if kind == Kind::Isolate {
+                Fault::Cut
+            } else {
+                Fault::Blackhole
+            };
+            lab.fault(region, cut)?;
             tokio::time::sleep(pause).await;
             lab.fault(region, Fault::Heal)?;
         }
