@@ -7,7 +7,7 @@ PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 PGRX_VERSION := $(shell sed -n 's/^pgrx = "=\(.*\)"/\1/p' Cargo.toml)
 # pglogical is the peer the benchmarks compare against; faketime skews a
 # region's clock in the causality tests.
-APT_PACKAGES := postgresql-15 postgresql-server-dev-15 postgresql-15-pglogical libclang-dev clang pkg-config sudo faketime
+APT_PACKAGES := postgresql-15 postgresql-server-dev-15 postgresql-15-pglogical libclang-dev clang pkg-config sudo faketime openssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PREFIX ?= /usr/local
 PGRX_TEST_DATA ?= /tmp/foreshadow-pgrx-test

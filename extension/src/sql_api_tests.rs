@@ -323,6 +323,12 @@ mod tests {
         );
     }
 
+    #[pg_test(error = "cannot re-announce public.c: it has counter columns")]
+    fn reannounce_refuses_tables_with_counters() {
+        setup_counters();
+        Spi::run("SELECT foreshadow.reannounce('public.c'::regclass)").unwrap();
+    }
+
     #[pg_test(
         error = "column \"note\" of public.c is of type text, not an exact number: it cannot be a counter"
     )]

@@ -73,3 +73,20 @@ pub async fn resync(config: &Config, peer_name: &str) -> Result<String, Error> {
     }
     Ok(report.join("\n"))
 }
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn an_unknown_peer_is_refused_before_anything_connects() {
+        let config = crate::Config::parse(
+            "region = \"us-east\"\nprimary = \"host=127.0.0.1 port=1 user=u dbname=d\"\n\
+             [[peers]]\nname = \"eu-west\"\ndsn = \"host=127.0.0.1 port=1 user=u dbname=d\"\n",
+        )
+        .unwrap();
+        let e = super::resync(&config, "ap-south").await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "resynchronising from peer ap-south: no such peer in the config file"
+        );
+    }
+}
