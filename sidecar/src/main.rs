@@ -3,54 +3,35 @@
 //! Two phases: arguments, config and logging are settled synchronously, so a
 //! bad config fails before anything connects; then the runtime starts.
 
+use clap::Parser;
 use foreshadow_sidecar::{run, shutdown, Config};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-const USAGE: &str = "usage: foreshadow-sidecar --config FILE [--check-config | --resync-peer PEER]";
 /// Longest wait for the batches in flight after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
+/// Foreshadow's sidecar for one region: streams every peer region's
+/// intents and applies them here, exactly once.
+#[derive(Parser)]
+#[command(name = "foreshadow-sidecar", version)]
 struct Args {
+    /// The region's config file (TOML; see docs/operations.md).
+    #[arg(long)]
     config: PathBuf,
-    check_only: bool,
+    /// Check the config (and the files it names) and exit.
+    #[arg(long, conflicts_with = "resync_peer")]
+    check_config: bool,
     /// Resynchronise from this peer after its slot went missing, and exit.
+    #[arg(long, value_name = "PEER")]
     resync_peer: Option<String>,
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut config = None;
-    let mut check_only = false;
-    let mut resync_peer = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--config" => config = Some(args.next().ok_or("--config needs a file")?.into()),
-            "--check-config" => check_only = true,
-            "--resync-peer" => {
-                resync_peer = Some(args.next().ok_or("--resync-peer needs a peer name")?)
-            }
-            "--help" | "-h" => return Err(USAGE.into()),
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
-        }
-    }
-    Ok(Args {
-        config: config.ok_or_else(|| format!("--config is required\n{USAGE}"))?,
-        check_only,
-        resync_peer,
-    })
-}
-
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
+    // clap prints its own refusal or help and exits 2 (0 for --help).
+    let args = Args::parse();
     let config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
@@ -58,7 +39,7 @@ fn main() -> ExitCode {
             return ExitCode::from(78); // EX_CONFIG: systemd will not hammer restarts on it
         }
     };
-    if args.check_only {
+    if args.check_config {
         println!(
             "{}: ok (region {}, {} peers)",
             args.config.display(),

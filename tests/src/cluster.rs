@@ -53,19 +53,7 @@ impl Cluster {
         run(initdb, &format!("initdb for region {region}"))?;
         // Small, fast clusters: several share this machine. fsync is off
         // because lab clusters are scratch data.
-        let engine_conf = match engine {
-            Engine::Foreshadow => {
-                format!("shared_preload_libraries = 'foreshadow'\nforeshadow.region = '{region}'\n")
-            }
-            // pglogical's output plugin must be approved on this PostgreSQL;
-            // conflicts are logged as WARNINGs so that the benchmark can count them.
-            Engine::Pglogical => "shared_preload_libraries = 'pglogical'\n\
-                 output_plugin_libraries = 'pgoutput, test_decoding, pglogical_output'\n\
-                 pglogical.conflict_resolution = 'last_update_wins'\n\
-                 pglogical.conflict_log_level = warning\nmax_worker_processes = 32\n"
-                .to_string(),
-            Engine::Plain => String::new(),
-        };
+        let engine_conf = engine.replicator().conf(region);
         let conf = format!(
             "\n# foreshadow lab ({engine})\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = ''\n\
              {engine_conf}wal_level = logical\nmax_replication_slots = 16\nmax_wal_senders = 16\n\

@@ -4,7 +4,7 @@
 
 use crate::cluster::Cluster;
 use crate::proc::{self, free_port, sibling_binary, spawn_detached};
-use crate::proxy::{cut_flag, hole_flag};
+use crate::proxy::{link_key, load_controls, save_controls, LinkControl};
 use crate::spec::{Engine, LabSpec, Link, Region};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -14,35 +14,21 @@ pub const DATABASE: &str = "app";
 pub const SIDECAR_ROLE: &str = "foreshadow_sidecar";
 const REGION_NAMES: [&str; 5] = ["us-east", "eu-west", "ap-south", "us-west", "eu-north"];
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What `foreshadow-lab fault` does to a region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Fault {
+    /// SIGKILL of the region's sidecar.
     KillSidecar,
     StartSidecar,
+    /// Immediate stop of the region's PostgreSQL.
     StopPg,
     StartPg,
+    /// Every link to and from the region reset and refused.
     Cut,
+    /// Every link to and from the region held: open, silent.
     Blackhole,
+    /// Every link to and from the region back to plain WAN delay.
     Heal,
-}
-
-impl std::str::FromStr for Fault {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Fault, String> {
-        Ok(match s {
-            "kill-sidecar" => Fault::KillSidecar,
-            "start-sidecar" => Fault::StartSidecar,
-            "stop-pg" => Fault::StopPg,
-            "start-pg" => Fault::StartPg,
-            "cut" => Fault::Cut,
-            "blackhole" => Fault::Blackhole,
-            "heal" => Fault::Heal,
-            other => {
-                return Err(format!(
-                    "unknown fault {other:?}: use kill-sidecar, start-sidecar, stop-pg, start-pg, cut, blackhole or heal"
-                ))
-            }
-        })
-    }
 }
 
 pub struct UpOptions {
@@ -77,7 +63,7 @@ pub async fn connect(dsn: &str) -> Result<Client, String> {
     Ok(client)
 }
 
-fn admin_dsn(port: u16, db: &str) -> String {
+pub(crate) fn admin_dsn(port: u16, db: &str) -> String {
     format!("host=127.0.0.1 port={port} user=postgres dbname={db} connect_timeout=5")
 }
 
@@ -201,21 +187,7 @@ impl Lab {
         )?;
         std::fs::write(self.dir.join("proxy.pid"), proxy.to_string()).map_err(|e| e.to_string())?;
         self.wait_proxy_listening(Duration::from_secs(10)).await?;
-        match self.spec.engine {
-            // A lone region has nobody to replicate with: no sidecar, so its
-            // intents are captured and nothing consumes them.
-            Engine::Foreshadow if self.spec.regions.len() > 1 => {
-                for r in &self.spec.regions {
-                    self.start_sidecar(&r.name)?;
-                }
-            }
-            Engine::Pglogical => {
-                for r in &self.spec.regions {
-                    self.subscribe_pglogical(r).await?;
-                }
-            }
-            _ => {}
-        }
+        self.spec.engine.replicator().start(self).await?;
         self.wait_replicating(Duration::from_secs(60)).await
     }
 
@@ -226,22 +198,8 @@ impl Lab {
             .await
             .map_err(|e| format!("{}: {e}", r.name))?;
         let app = connect(&r.dsn).await?;
-        let sql = match self.spec.engine {
-            Engine::Foreshadow => format!(
-                "CREATE EXTENSION foreshadow; CREATE ROLE {SIDECAR_ROLE} LOGIN REPLICATION {}; \
-                 SELECT foreshadow.grant_sidecar('{SIDECAR_ROLE}');",
-                if self.spec.tls {
-                    format!("PASSWORD '{}'", crate::certs::SIDECAR_PASSWORD)
-                } else {
-                    String::new()
-                }
-            ),
-            Engine::Pglogical => format!(
-                "CREATE EXTENSION pglogical; SELECT pglogical.create_node(node_name := '{}', dsn := '{}');",
-                r.name,
-                admin_dsn(r.port, DATABASE)
-            ),
-            Engine::Plain => return Ok(()),
+        let Some(sql) = self.spec.engine.replicator().install_sql(self, r) else {
+            return Ok(());
         };
         app.batch_execute(&sql).await.map_err(|e| {
             format!(
@@ -250,36 +208,6 @@ impl Lab {
                 r.name
             )
         })
-    }
-
-    /// pglogical two-way: region `r` subscribes to every other region through
-    /// the WAN proxy, without forwarding what that region itself received.
-    async fn subscribe_pglogical(&self, r: &Region) -> Result<(), String> {
-        let app = connect(&r.dsn).await?;
-        for peer in self.spec.regions.iter().filter(|p| p.name != r.name) {
-            let link = self.spec.link(&r.name, &peer.name);
-            app.execute(
-                "SELECT pglogical.create_subscription(subscription_name := $1, provider_dsn := $2, \
-                 replication_sets := ARRAY['default'], synchronize_structure := false, \
-                 synchronize_data := false, forward_origins := '{}')",
-                &[
-                    // pglogical names the slot on the provider after the
-                    // subscription: unique per subscriber, not just per provider.
-                    &format!(
-                        "{}_from_{}",
-                        r.name.replace('-', "_"),
-                        peer.name.replace('-', "_")
-                    ),
-                    &admin_dsn(link.listen_port, DATABASE),
-                ],
-            )
-            .await
-            .map_err(|e| {
-                let why = e.as_db_error().map(|d| d.message().to_string()).unwrap_or(e.to_string());
-                format!("region {}: subscribing to {}: {why}", r.name, peer.name)
-            })?;
-        }
-        Ok(())
     }
 
     /// Makes `table` (already created with the same schema in every region)
@@ -294,37 +222,12 @@ impl Lab {
     ) -> Result<(), String> {
         for r in &self.spec.regions {
             let c = self.client(&r.name).await?;
-            let done = match self.spec.engine {
-                Engine::Foreshadow => {
-                    let made = c
-                        .execute(
-                            "SELECT foreshadow.make_global($1::text::regclass, announce_existing := $2)",
-                            &[&table, &announce_existing],
-                        )
-                        .await;
-                    let mut done = made.map(|_| ());
-                    for col in counters {
-                        if done.is_ok() {
-                            done = c
-                                .execute(
-                                    "SELECT foreshadow.set_column_strategy($1::text::regclass, $2, 'counter')",
-                                    &[&table, col],
-                                )
-                                .await
-                                .map(|_| ());
-                        }
-                    }
-                    done
-                }
-                Engine::Pglogical => c
-                    .execute(
-                        "SELECT pglogical.replication_set_add_table('default', $1::text::regclass, synchronize_data := false)",
-                        &[&table],
-                    )
-                    .await
-                    .map(|_| ()),
-                Engine::Plain => Ok(()),
-            };
+            let done = self
+                .spec
+                .engine
+                .replicator()
+                .replicate_table(&c, table, counters, announce_existing)
+                .await;
             done.map_err(|e| format!("region {}: replicating {table}: {e}", r.name))?;
         }
         Ok(())
@@ -411,17 +314,13 @@ impl Lab {
     /// sidecar's slot exists; pglogical: the subscription is replicating):
     /// from then on, every committed write reaches every region.
     pub async fn wait_replicating(&self, timeout: Duration) -> Result<(), String> {
-        let (sql, expected) = match self.spec.engine {
-            Engine::Foreshadow if self.spec.regions.len() > 1 => (
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'foreshadow\\_%'",
-                self.spec.regions.len() - 1,
-            ),
-            Engine::Pglogical => (
-                "SELECT count(*) FROM pglogical.show_subscription_status() WHERE status = 'replicating'",
-                self.spec.regions.len() - 1,
-            ),
-            _ => return Ok(()),
+        let expected = self.spec.regions.len() - 1;
+        let Some(sql) = self.spec.engine.replicator().links_up_sql() else {
+            return Ok(());
         };
+        if expected == 0 {
+            return Ok(());
+        }
         let deadline = Instant::now() + timeout;
         for r in &self.spec.regions {
             loop {
@@ -504,19 +403,53 @@ impl Lab {
             Fault::StartSidecar => self.start_sidecar(region),
             Fault::StopPg => self.cluster(region).stop("immediate"),
             Fault::StartPg => self.cluster(region).start(),
-            Fault::Cut => {
-                std::fs::write(cut_flag(&self.dir, region), b"").map_err(|e| e.to_string())
-            }
-            Fault::Blackhole => {
-                std::fs::write(hole_flag(&self.dir, region), b"").map_err(|e| e.to_string())
-            }
-            Fault::Heal => [cut_flag(&self.dir, region), hole_flag(&self.dir, region)]
-                .iter()
-                .try_for_each(|f| match std::fs::remove_file(f) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
-                    _ => Ok(()),
-                }),
+            Fault::Cut => self.control_links(region, |c| c.reset = true),
+            Fault::Blackhole => self.control_links(region, |c| {
+                c.hold_forward = true;
+                c.hold_back = true;
+            }),
+            Fault::Heal => self.control_links(region, |c| *c = LinkControl::default()),
         }
+    }
+
+    /// Changes the control of the link from `from`'s clients to `to`'s
+    /// primary; the proxy follows within 50 ms.
+    pub fn control_link(
+        &self,
+        from: &str,
+        to: &str,
+        change: impl FnOnce(&mut LinkControl),
+    ) -> Result<(), String> {
+        self.spec.region(from)?;
+        self.spec.region(to)?;
+        if from == to {
+            return Err(format!("there is no link from region {from} to itself"));
+        }
+        let mut all = load_controls(&self.dir)?;
+        let key = link_key(from, to);
+        let mut control = all.remove(&key).unwrap_or_default();
+        change(&mut control);
+        if control != LinkControl::default() {
+            all.insert(key, control);
+        }
+        save_controls(&self.dir, &all)
+    }
+
+    /// Changes both links between `region` and every other region.
+    fn control_links(&self, region: &str, change: impl Fn(&mut LinkControl)) -> Result<(), String> {
+        for other in self.spec.regions.iter().filter(|r| r.name != region) {
+            self.control_link(region, &other.name, &change)?;
+            self.control_link(&other.name, region, &change)?;
+        }
+        Ok(())
+    }
+
+    /// Holds (or, with `held` false, releases) every byte travelling from
+    /// region `src` to region `dst`, in both links between them, while the
+    /// other direction flows: a one-way cut.
+    pub fn hold_flow(&self, src: &str, dst: &str, held: bool) -> Result<(), String> {
+        self.control_link(src, dst, |c| c.hold_forward = held)?;
+        self.control_link(dst, src, |c| c.hold_back = held)
     }
 
     /// Restarts `region`'s PostgreSQL with its wall clock `offset_ms` off

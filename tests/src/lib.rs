@@ -7,6 +7,7 @@ pub mod certs;
 pub mod chaos;
 pub mod cluster;
 pub mod demo;
+pub mod engine;
 pub mod lab;
 pub mod proc;
 pub mod proxy;

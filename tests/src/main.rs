@@ -1,90 +1,197 @@
-//! `foreshadow-lab`: see `usage()`.
+//! `foreshadow-lab`: the local multi-region lab's command line (`--help`).
 
-use foreshadow_lab::bench;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use foreshadow_lab::bench::{self, Scenario};
+use foreshadow_lab::chaos::{self, ChaosOptions};
 use foreshadow_lab::demo::{self, DemoOptions};
+use foreshadow_lab::proc::now_ns;
 use foreshadow_lab::spec::Engine;
 use foreshadow_lab::{Fault, Lab, UpOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-fn usage() -> &'static str {
-    "usage:
-  foreshadow-lab up --dir DIR --regions N [--wan-ms MS] [--engine foreshadow|pglogical|plain] [--tls]
-  foreshadow-lab down --dir DIR [--keep]
-  foreshadow-lab fault --dir DIR --region NAME <kill-sidecar|start-sidecar|stop-pg|start-pg|cut|blackhole|heal>
-  foreshadow-lab chaos [--regions N] [--minutes M | --seconds S] [--seed S] [--engine foreshadow|pglogical]
-                 [--wan-ms MS] [--dir DIR] [--keep]
-  foreshadow-lab demo [--dir DIR] [--regions N] [--wan-ms MS] [--seconds S] [--hot-keys K] [--keep]
-  foreshadow-lab bench <overhead|lag|conflicts|catchup|all> [--regions N] [--wan-ms MS] [--seconds S] [--quick]
-                 [--scale N] [--clients N] [--rate ROWS_PER_S] [--hot-keys K] [--out DIR]"
+/// Foreshadow's local lab: PostgreSQL regions behind a simulated WAN, the
+/// demo, faults, the chaos suite and the benchmarks beside pglogical.
+#[derive(Parser)]
+#[command(name = "foreshadow-lab", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
 }
 
-struct Args {
-    command: String,
-    flags: std::collections::BTreeMap<String, String>,
-    positional: Vec<String>,
+#[derive(Subcommand)]
+enum Command {
+    /// Start a lab: one cluster per region, the WAN proxy, the engine.
+    Up {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=8))]
+        regions: u16,
+        /// Simulated WAN latency, each way.
+        #[arg(long, default_value_t = 0)]
+        wan_ms: u64,
+        #[arg(long, value_enum, default_value_t = Engine::Foreshadow)]
+        engine: Engine,
+        /// Sidecars connect with TLS (verify-full) and SCRAM only.
+        #[arg(long)]
+        tls: bool,
+    },
+    /// Stop everything a lab started.
+    Down {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Keep the lab's directory (data, logs) for a look afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Inject or heal a fault on one region.
+    Fault {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        region: String,
+        #[arg(value_enum)]
+        fault: Fault,
+    },
+    /// Control the link from one region's clients to another's primary.
+    Link(LinkArgs),
+    /// A seeded fault run with an invariant check at the end.
+    Chaos {
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..=5))]
+        regions: u16,
+        #[arg(long, conflicts_with = "seconds")]
+        minutes: Option<u64>,
+        #[arg(long, default_value_t = 180)]
+        seconds: u64,
+        /// Without one, a fresh seed is drawn and printed with the replay command.
+        #[arg(long)]
+        seed: Option<u64>,
+        #[arg(long, value_enum, default_value_t = Engine::Foreshadow)]
+        engine: Engine,
+        #[arg(long, default_value_t = 10)]
+        wan_ms: u64,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Keep the lab's directory even when the run passes.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// The multi-region demo: writes everywhere, conflicts, convergence.
+    Demo {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..=8))]
+        regions: u16,
+        #[arg(long, default_value_t = 40)]
+        wan_ms: u64,
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        seconds: u64,
+        #[arg(long, default_value_t = 5)]
+        hot_keys: u64,
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Benchmarks beside pglogical; results, report and plots in --out.
+    Bench(BenchArgs),
+    /// Internal: the WAN proxy daemon that `up` starts.
+    #[command(hide = true)]
+    Proxyd {
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
-const SWITCHES: [&str; 3] = ["--keep", "--quick", "--tls"];
-
-fn parse() -> Result<Args, String> {
-    let mut it = std::env::args().skip(1);
-    let command = it.next().ok_or_else(|| usage().to_string())?;
-    let mut flags = std::collections::BTreeMap::new();
-    let mut positional = Vec::new();
-    while let Some(a) = it.next() {
-        if SWITCHES.contains(&a.as_str()) {
-            flags.insert(a, String::new());
-        } else if a.starts_with("--") {
-            let v = it
-                .next()
-                .ok_or_else(|| format!("{a} needs a value\n{}", usage()))?;
-            flags.insert(a, v);
-        } else {
-            positional.push(a);
-        }
-    }
-    Ok(Args {
-        command,
-        flags,
-        positional,
-    })
+#[derive(Args)]
+struct LinkArgs {
+    #[arg(long)]
+    dir: PathBuf,
+    /// The region whose clients (sidecar, subscriber) use the link.
+    #[arg(long)]
+    from: String,
+    /// The region whose primary they reach.
+    #[arg(long)]
+    to: String,
+    /// Close the link's connections and refuse new ones.
+    #[arg(long)]
+    reset: bool,
+    /// Hold bytes (a black hole: nothing gets through, nobody is told).
+    #[arg(long, value_enum)]
+    hold: Option<Direction>,
+    /// Extra delay on top of the WAN's, each direction.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+    /// Up to this much more delay, drawn per chunk (order kept).
+    #[arg(long, default_value_t = 0)]
+    jitter_ms: u64,
+    /// Percentage of chunks that stall for a retransmission timeout.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=100))]
+    loss_pct: u64,
+    /// Back to plain WAN delay (every other option is ignored).
+    #[arg(long, conflicts_with_all = ["reset", "hold", "delay_ms", "jitter_ms", "loss_pct"])]
+    heal: bool,
 }
 
-impl Args {
-    fn get<T: std::str::FromStr>(&self, flag: &str, default: Option<T>) -> Result<T, String>
-    where
-        T::Err: std::fmt::Display,
-    {
-        match self.flags.get(flag) {
-            Some(v) => v
-                .parse()
-                .map_err(|e| format!("{flag}: cannot use {v:?}: {e}")),
-            None => default.ok_or_else(|| format!("{flag} is required\n{}", usage())),
-        }
-    }
-    fn check_known(&self, known: &[&str]) -> Result<(), String> {
-        match self.flags.keys().find(|k| !known.contains(&k.as_str())) {
-            Some(k) => Err(format!(
-                "unknown option {k} for `{}`\n{}",
-                self.command,
-                usage()
-            )),
-            None => Ok(()),
-        }
-    }
+#[derive(Clone, Copy, ValueEnum)]
+enum Direction {
+    /// Towards the primary.
+    Forward,
+    /// From the primary (replicated changes).
+    Back,
+    Both,
 }
 
-async fn dispatch(args: Args) -> Result<(), String> {
-    match args.command.as_str() {
-        "up" => {
-            args.check_known(&["--dir", "--regions", "--wan-ms", "--engine", "--tls"])?;
+#[derive(Args)]
+struct BenchArgs {
+    /// A scenario, or `all` of them in order.
+    #[arg(value_parser = scenario_names())]
+    scenario: String,
+    /// Regions (default 3, 2 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(2..=5))]
+    regions: Option<u16>,
+    #[arg(long, default_value_t = 20)]
+    wan_ms: u64,
+    /// Measured seconds per run (default 30, 3 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    seconds: Option<u64>,
+    /// The smoke form: short runs, small scale.
+    #[arg(long)]
+    quick: bool,
+    /// pgbench scale factor (default 10, 1 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    scale: Option<u32>,
+    /// pgbench clients per region (default 4, 2 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    clients: Option<u32>,
+    /// Steady write rate of `lag`, rows per second (default 1000, 200 with --quick).
+    #[arg(long)]
+    rate: Option<u64>,
+    #[arg(long, default_value_t = 10)]
+    hot_keys: u64,
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn scenario_names() -> clap::builder::PossibleValuesParser {
+    let mut names: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).collect();
+    names.push("all");
+    names.into()
+}
+
+async fn dispatch(command: Command) -> Result<(), String> {
+    match command {
+        Command::Up {
+            dir,
+            regions,
+            wan_ms,
+            engine,
+            tls,
+        } => {
             let lab = Lab::up(UpOptions {
-                dir: args.get("--dir", None)?,
-                regions: args.get("--regions", Some(3))?,
-                wan_ms: args.get("--wan-ms", Some(0))?,
-                engine: args.get("--engine", Some(Engine::Foreshadow))?,
-                tls: args.flags.contains_key("--tls"),
+                dir,
+                regions: regions.into(),
+                wan_ms,
+                engine,
+                tls,
             })
             .await?;
             for r in &lab.spec.regions {
@@ -93,55 +200,58 @@ async fn dispatch(args: Args) -> Result<(), String> {
             println!("lab up: {}", lab.dir.join("lab.json").display());
             Ok(())
         }
-        "down" => {
-            args.check_known(&["--dir", "--keep"])?;
-            let dir: PathBuf = args.get("--dir", None)?;
-            Lab::open(&dir)?.down(args.flags.contains_key("--keep"))?;
+        Command::Down { dir, keep } => {
+            Lab::open(&dir)?.down(keep)?;
             println!("lab down: {}", dir.display());
             Ok(())
         }
-        "fault" => {
-            args.check_known(&["--dir", "--region"])?;
-            let lab = Lab::open(&args.get::<PathBuf>("--dir", None)?)?;
-            let region: String = args.get("--region", None)?;
-            let [fault] = args.positional.as_slice() else {
-                return Err(format!("fault needs exactly one fault name\n{}", usage()));
-            };
-            lab.fault(&region, fault.parse::<Fault>()?)?;
-            println!("{fault}: done for region {region}");
+        Command::Fault { dir, region, fault } => {
+            Lab::open(&dir)?.fault(&region, fault)?;
+            println!("{fault:?}: done for region {region}");
             Ok(())
         }
-        "chaos" => {
-            args.check_known(&[
-                "--regions",
-                "--minutes",
-                "--seconds",
-                "--seed",
-                "--engine",
-                "--wan-ms",
-                "--dir",
-                "--keep",
-            ])?;
-            let seconds = match args.flags.get("--minutes") {
-                Some(_) => args.get::<u64>("--minutes", None)? * 60,
-                None => args.get("--seconds", Some(180))?,
-            };
-            // Without --seed: a fresh one, printed so that the run can be replayed.
-            let seed = args.get("--seed", Some(std::process::id() as u64 ^ now_ns()))?;
-            let engine = args.get("--engine", Some(Engine::Foreshadow))?;
-            let default_dir = std::env::temp_dir().join(format!(
-                "foreshadow-chaos-{}-{seed}-{}",
-                engine.name(),
-                std::process::id()
-            ));
-            let verdict = foreshadow_lab::chaos::run(foreshadow_lab::chaos::ChaosOptions {
-                dir: args.get("--dir", Some(default_dir))?,
-                regions: args.get("--regions", Some(3))?,
-                seconds,
+        Command::Link(a) => {
+            let lab = Lab::open(&a.dir)?;
+            lab.control_link(&a.from, &a.to, |c| {
+                *c = Default::default();
+                if !a.heal {
+                    c.reset = a.reset;
+                    c.hold_forward = matches!(a.hold, Some(Direction::Forward | Direction::Both));
+                    c.hold_back = matches!(a.hold, Some(Direction::Back | Direction::Both));
+                    c.delay_ms = a.delay_ms;
+                    c.jitter_ms = a.jitter_ms;
+                    c.loss_pct = a.loss_pct;
+                }
+            })?;
+            println!("link {} -> {}: set", a.from, a.to);
+            Ok(())
+        }
+        Command::Chaos {
+            regions,
+            minutes,
+            seconds,
+            seed,
+            engine,
+            wan_ms,
+            dir,
+            keep,
+        } => {
+            let seed = seed.unwrap_or_else(|| std::process::id() as u64 ^ now_ns());
+            let dir = dir.unwrap_or_else(|| {
+                std::env::temp_dir().join(format!(
+                    "foreshadow-chaos-{}-{seed}-{}",
+                    engine.name(),
+                    std::process::id()
+                ))
+            });
+            let verdict = chaos::run(ChaosOptions {
+                dir,
+                regions: regions.into(),
+                seconds: minutes.map_or(seconds, |m| m * 60),
                 seed,
                 engine,
-                wan_ms: args.get("--wan-ms", Some(10))?,
-                keep: args.flags.contains_key("--keep"),
+                wan_ms,
+                keep,
             })
             .await?;
             print!("{}", verdict.render());
@@ -151,108 +261,67 @@ async fn dispatch(args: Args) -> Result<(), String> {
                 Err("chaos: invariants violated (see the verdict above)".into())
             }
         }
-        "demo" => {
-            args.check_known(&[
-                "--dir",
-                "--regions",
-                "--wan-ms",
-                "--seconds",
-                "--hot-keys",
-                "--keep",
-            ])?;
-            let default_dir =
-                std::env::temp_dir().join(format!("foreshadow-demo-{}", std::process::id()));
+        Command::Demo {
+            dir,
+            regions,
+            wan_ms,
+            seconds,
+            hot_keys,
+            keep,
+        } => {
             demo::run(DemoOptions {
-                dir: args.get("--dir", Some(default_dir))?,
-                regions: args.get("--regions", Some(3))?,
-                wan_ms: args.get("--wan-ms", Some(40))?,
-                seconds: args.get("--seconds", Some(10))?,
-                hot_keys: args.get("--hot-keys", Some(5))?,
-                keep: args.flags.contains_key("--keep"),
+                dir: dir.unwrap_or_else(|| {
+                    std::env::temp_dir().join(format!("foreshadow-demo-{}", std::process::id()))
+                }),
+                regions: regions.into(),
+                wan_ms,
+                seconds,
+                hot_keys,
+                keep,
             })
             .await
         }
-        "bench" => {
-            args.check_known(&[
-                "--regions",
-                "--wan-ms",
-                "--seconds",
-                "--quick",
-                "--scale",
-                "--clients",
-                "--rate",
-                "--hot-keys",
-                "--out",
-            ])?;
-            let [which] = args.positional.as_slice() else {
-                return Err(format!("bench needs one scenario\n{}", usage()));
-            };
-            let scenarios = if which == "all" {
-                bench::Scenario::ALL.to_vec()
-            } else {
-                vec![which.parse::<bench::Scenario>()?]
-            };
-            let quick = args.flags.contains_key("--quick");
+        Command::Bench(a) => {
+            let q = a.quick;
             let opts = bench::BenchOptions {
-                regions: args.get("--regions", Some(if quick { 2 } else { 3 }))?,
-                wan_ms: args.get("--wan-ms", Some(20))?,
-                seconds: args.get("--seconds", Some(if quick { 3 } else { 30 }))?,
-                quick,
-                scale: args.get("--scale", Some(if quick { 1 } else { 10 }))?,
-                clients: args.get("--clients", Some(if quick { 2 } else { 4 }))?,
-                rate: args.get("--rate", Some(if quick { 200 } else { 1000 }))?,
-                hot_keys: args.get("--hot-keys", Some(10))?,
-                out: args.get("--out", Some(bench::default_out()))?,
+                regions: a.regions.map_or(if q { 2 } else { 3 }, usize::from),
+                wan_ms: a.wan_ms,
+                seconds: a.seconds.unwrap_or(if q { 3 } else { 30 }),
+                quick: q,
+                scale: a.scale.unwrap_or(if q { 1 } else { 10 }),
+                clients: a.clients.unwrap_or(if q { 2 } else { 4 }),
+                rate: a.rate.unwrap_or(if q { 200 } else { 1000 }),
+                hot_keys: a.hot_keys,
+                out: a.out.unwrap_or_else(bench::default_out),
                 work: std::env::temp_dir(),
             };
-            if !(2..=5).contains(&opts.regions)
-                || opts.seconds == 0
-                || opts.clients == 0
-                || opts.scale == 0
-            {
-                return Err(
-                    "bench needs 2 to 5 regions and positive --seconds, --clients and --scale"
-                        .into(),
-                );
-            }
+            let scenarios = match a.scenario.as_str() {
+                "all" => Scenario::ALL.to_vec(),
+                one => vec![one.parse()?],
+            };
             for s in scenarios {
                 bench::run(s, &opts).await?;
             }
             Ok(())
         }
-        // Internal: the WAN proxy daemon that `up` starts.
-        "proxyd" => {
-            let dir: PathBuf = args.get("--dir", None)?;
+        Command::Proxyd { dir } => {
             let spec = foreshadow_lab::spec::LabSpec::load(&dir)?;
             foreshadow_lab::proxy::serve(dir, spec)
                 .await
                 .map_err(|e| format!("proxy: {e}"))
         }
-        other => Err(format!("unknown command {other:?}\n{}", usage())),
     }
 }
 
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
-
 fn main() -> ExitCode {
-    let args = match parse() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
+    // clap prints its own refusal or help and exits 2 (0 for --help).
+    let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    match rt.block_on(dispatch(args)) {
+    match rt.block_on(dispatch(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("foreshadow-lab: {e}");

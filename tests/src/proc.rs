@@ -145,3 +145,11 @@ pub fn sibling_binary(name: &str) -> String {
     }
     name.to_owned()
 }
+
+/// Nanoseconds since the epoch: a fresh seed where none is given.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}

@@ -1,15 +1,21 @@
-//! The WAN simulator: a TCP proxy per cross-region link that delays every
-//! byte by a fixed time each way (no `tc netem` on these machines) and can
-//! cut a region off from the others in two ways: reset (connections closed
-//! and refused, as a crashed peer) or black-holed (connections stay open and
-//! nothing gets through, as a cut WAN link: nobody is told).
+//! The WAN simulator: a TCP proxy per cross-region link (no `tc netem` on
+//! these machines). Every byte is delayed by the lab's WAN time each way,
+//! and each link can be controlled on its own, while it runs, through
+//! `DIR/links.json` (`LinkControl`): reset (connections closed and refused,
+//! as a crashed peer), one direction or both held (a black hole: the
+//! connection stays open, nothing gets through and nobody is told, as a cut
+//! WAN link), extra delay, jitter, and loss.
 //!
 //! Delay is applied by timestamping chunks as they are read and releasing
 //! them at `read time + delay`, so a link keeps its bandwidth: the delay is
-//! latency, not a throughput cap.
+//! latency, not a throughput cap. Jitter and loss never reorder a stream
+//! (TCP delivers in order): a chunk is released no earlier than the one
+//! before it, and a lost chunk shows as a retransmission stall.
 
 use crate::spec::{LabSpec, Link};
-use std::collections::BTreeSet;
+use crate::workload::Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,36 +23,80 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-pub fn cut_flag(dir: &Path, region: &str) -> PathBuf {
-    dir.join(format!("cut-{region}"))
+/// How long a lost chunk stalls its stream: TCP's minimum retransmission
+/// timeout on Linux.
+const RETRANSMIT: Duration = Duration::from_millis(200);
+
+/// What is done to one link (`from`'s client reaching `to`'s primary) on
+/// top of the WAN delay. "Forward" is the client's bytes towards the
+/// primary; "back" is the primary's answer (for a sidecar or subscriber:
+/// the replicated changes).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LinkControl {
+    /// Connections closed and new ones refused.
+    pub reset: bool,
+    /// Bytes towards the primary held until healed.
+    pub hold_forward: bool,
+    /// Bytes from the primary held until healed.
+    pub hold_back: bool,
+    /// Added to the WAN delay, each direction.
+    pub delay_ms: u64,
+    /// Up to this much more, drawn per chunk.
+    pub jitter_ms: u64,
+    /// Percentage of chunks "lost": each stalls its stream for a
+    /// retransmission timeout.
+    pub loss_pct: u64,
 }
 
-pub fn hole_flag(dir: &Path, region: &str) -> PathBuf {
-    dir.join(format!("blackhole-{region}"))
+impl LinkControl {
+    fn held(&self, forward: bool) -> bool {
+        if forward {
+            self.hold_forward
+        } else {
+            self.hold_back
+        }
+    }
 }
 
-/// Which regions are cut off now, and how.
-#[derive(Clone, Default, PartialEq)]
-struct Cuts {
-    reset: BTreeSet<String>,
-    holed: BTreeSet<String>,
+/// Every link's control, keyed by `from>to`; a link not named is untouched.
+pub type LinkControls = BTreeMap<String, LinkControl>;
+
+pub fn link_key(from: &str, to: &str) -> String {
+    format!("{from}>{to}")
+}
+
+pub fn controls_path(dir: &Path) -> PathBuf {
+    dir.join("links.json")
+}
+
+pub fn load_controls(dir: &Path) -> Result<LinkControls, String> {
+    match std::fs::read_to_string(controls_path(dir)) {
+        Ok(text) => serde_json::from_str(&text)
+            .map_err(|e| format!("{}: {e}", controls_path(dir).display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LinkControls::new()),
+        Err(e) => Err(format!("{}: {e}", controls_path(dir).display())),
+    }
+}
+
+/// Writes the controls so that the proxy never reads half a file.
+pub fn save_controls(dir: &Path, controls: &LinkControls) -> Result<(), String> {
+    let tmp = dir.join("links.json.tmp");
+    let text = serde_json::to_string_pretty(controls).expect("controls serialise");
+    std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, controls_path(dir)).map_err(|e| format!("links.json: {e}"))
 }
 
 /// Runs every link of the lab until killed.
 pub async fn serve(dir: PathBuf, spec: LabSpec) -> std::io::Result<()> {
-    let regions: Vec<String> = spec.regions.iter().map(|r| r.name.clone()).collect();
-    let (cut_tx, cut_rx) = watch::channel(Cuts::default());
-    tokio::spawn(watch_cut_flags(dir, regions, cut_tx));
+    let (tx, rx) = watch::channel(LinkControls::new());
+    tokio::spawn(watch_controls(dir, tx));
     let delay = Duration::from_millis(spec.wan_ms);
     let mut tasks = Vec::new();
     for link in spec.links.clone() {
         let listener = TcpListener::bind(("127.0.0.1", link.listen_port)).await?;
-        tasks.push(tokio::spawn(accept_loop(
-            listener,
-            link,
-            delay,
-            cut_rx.clone(),
-        )));
+        let control = link_view(rx.clone(), link_key(&link.from, &link.to));
+        tasks.push(tokio::spawn(accept_loop(listener, link, delay, control)));
     }
     for t in tasks {
         let _ = t.await;
@@ -54,43 +104,50 @@ pub async fn serve(dir: PathBuf, spec: LabSpec) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn watch_cut_flags(dir: PathBuf, regions: Vec<String>, tx: watch::Sender<Cuts>) {
+async fn watch_controls(dir: PathBuf, tx: watch::Sender<LinkControls>) {
     loop {
-        let flagged = |flag: fn(&Path, &str) -> PathBuf| -> BTreeSet<String> {
-            regions
-                .iter()
-                .filter(|r| flag(&dir, r).exists())
-                .cloned()
-                .collect()
-        };
-        let cut = Cuts {
-            reset: flagged(cut_flag),
-            holed: flagged(hole_flag),
-        };
-        tx.send_if_modified(|cur| {
-            let changed = *cur != cut;
-            *cur = cut.clone();
-            changed
-        });
+        match load_controls(&dir) {
+            Ok(now) => {
+                tx.send_if_modified(|cur| {
+                    let changed = *cur != now;
+                    *cur = now.clone();
+                    changed
+                });
+            }
+            Err(e) => eprintln!("proxy: ignoring unreadable link controls: {e}"),
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-fn touches(link: &Link, regions: &BTreeSet<String>) -> bool {
-    regions.contains(&link.from) || regions.contains(&link.to)
+/// One link's control, following the file.
+fn link_view(mut all: watch::Receiver<LinkControls>, key: String) -> watch::Receiver<LinkControl> {
+    let first = all.borrow().get(&key).cloned().unwrap_or_default();
+    let (tx, rx) = watch::channel(first);
+    tokio::spawn(async move {
+        while all.changed().await.is_ok() {
+            let now = all.borrow().get(&key).cloned().unwrap_or_default();
+            tx.send_if_modified(|cur| {
+                let changed = *cur != now;
+                *cur = now;
+                changed
+            });
+        }
+    });
+    rx
 }
 
 async fn accept_loop(
     listener: TcpListener,
     link: Link,
     delay: Duration,
-    cut: watch::Receiver<Cuts>,
+    control: watch::Receiver<LinkControl>,
 ) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
             continue;
         };
-        if touches(&link, &cut.borrow().reset) {
+        if control.borrow().reset {
             continue; // dropping the socket refuses the connection
         }
         let Ok(server) = TcpStream::connect(("127.0.0.1", link.target_port)).await else {
@@ -100,31 +157,33 @@ async fn accept_loop(
         let _ = server.set_nodelay(true);
         let (cr, cw) = client.into_split();
         let (sr, sw) = server.into_split();
-        let mut cut_rx = cut.clone();
-        let link = link.clone();
-        let hole = {
-            let (cut, link) = (cut.clone(), link.clone());
-            move || touches(&link, &cut.borrow().holed)
-        };
+        let mut reset = control.clone();
+        let seed = u64::from(link.listen_port) ^ crate::proc::now_ns();
+        let forward = pump(cr, sw, delay, control.clone(), true, seed);
+        let back = pump(sr, cw, delay, control.clone(), false, seed ^ 0x5eed);
         tokio::spawn(async move {
             tokio::select! {
-                _ = pump(cr, sw, delay, hole.clone()) => {}
-                _ = pump(sr, cw, delay, hole) => {}
-                _ = async { while cut_rx.changed().await.is_ok() && !touches(&link, &cut_rx.borrow().reset) {} } => {}
+                _ = forward => {}
+                _ = back => {}
+                _ = async { while reset.changed().await.is_ok() && !reset.borrow().reset {} } => {}
             }
         });
     }
 }
 
-/// Copies `from` to `to`, each chunk `delay` later; while `holed()`,
-/// nothing gets through and nobody is told (the connection stays open, as
-/// on a cut WAN link), and what was sent arrives once it heals, as TCP
-/// retransmits it (nothing is dropped from the middle of a stream).
+/// Copies `from` to `to` in one direction of a link, each chunk released
+/// `delay` (plus the control's extra delay, jitter and loss) after it was
+/// read, never before the chunk ahead of it. While the direction is held,
+/// nothing gets through and nobody is told, and what was sent arrives once
+/// it heals, as TCP retransmits it (nothing is dropped from the middle of
+/// a stream).
 async fn pump(
     mut from: impl AsyncReadExt + Unpin,
     mut to: impl AsyncWriteExt + Unpin + Send + 'static,
     delay: Duration,
-    holed: impl Fn() -> bool,
+    control: watch::Receiver<LinkControl>,
+    forward: bool,
+    seed: u64,
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
     let writer = tokio::spawn(async move {
@@ -136,18 +195,24 @@ async fn pump(
         }
         let _ = to.shutdown().await;
     });
+    let mut rng = Rng::new(seed);
+    let mut last_due = Instant::now();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                while holed() {
+                while control.borrow().held(forward) {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                if tx
-                    .send((Instant::now() + delay, buf[..n].to_vec()))
-                    .is_err()
-                {
+                let c = control.borrow().clone();
+                let mut extra = c.delay_ms + rng.next_u64() % (c.jitter_ms + 1);
+                if c.loss_pct > 0 && rng.next_u64() % 100 < c.loss_pct {
+                    extra += RETRANSMIT.as_millis() as u64;
+                }
+                let due = (Instant::now() + delay + Duration::from_millis(extra)).max(last_due);
+                last_due = due;
+                if tx.send((due, buf[..n].to_vec())).is_err() {
                     break;
                 }
             }

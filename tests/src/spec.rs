@@ -23,7 +23,7 @@ pub struct Link {
 }
 
 /// What keeps the lab's regions in step.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Engine {
     /// Foreshadow: the extension in every region and a sidecar per region.
@@ -36,24 +36,12 @@ pub enum Engine {
 }
 
 impl Engine {
-    pub const ALL: [Engine; 3] = [Engine::Foreshadow, Engine::Pglogical, Engine::Plain];
-
     pub fn name(self) -> &'static str {
         match self {
             Engine::Foreshadow => "foreshadow",
             Engine::Pglogical => "pglogical",
             Engine::Plain => "plain",
         }
-    }
-}
-
-impl std::str::FromStr for Engine {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Engine, String> {
-        Engine::ALL
-            .into_iter()
-            .find(|e| e.name() == s)
-            .ok_or_else(|| format!("unknown engine {s:?}: use foreshadow, pglogical or plain"))
     }
 }
 

@@ -90,30 +90,10 @@ pub async fn run(opts: &BenchOptions, report: &mut Report) -> Result<(), String>
     Ok(())
 }
 
-/// Conflicts this engine has counted in `region` so far.
-async fn conflicts_so_far(lab: &Lab, region: &str, engine: Engine) -> Result<i64, String> {
-    match engine {
-        Engine::Foreshadow => Ok(lab
-            .client(region)
-            .await?
-            .query_one(
-                "SELECT coalesce(sum(conflicts), 0)::bigint FROM foreshadow.peer_stats",
-                &[],
-            )
-            .await
-            .map_err(|e| e.to_string())?
-            .get(0)),
-        _ => {
-            let log = std::fs::read_to_string(lab.cluster(region).log()).unwrap_or_default();
-            Ok(log.matches("CONFLICT: remote").count() as i64)
-        }
-    }
-}
-
 async fn total_conflicts(lab: &Lab, engine: Engine) -> Result<i64, String> {
     let mut n = 0;
     for r in &lab.spec.regions {
-        n += conflicts_so_far(lab, &r.name, engine).await?;
+        n += engine.replicator().conflicts(lab, &r.name).await?;
     }
     Ok(n)
 }
@@ -178,7 +158,7 @@ async fn lost_updates(
     opts: &BenchOptions,
     engine: Engine,
 ) -> Result<(Value, Vec<(f64, f64)>), String> {
-    pgbench::load(lab, opts.scale, engine == Engine::Foreshadow).await?;
+    pgbench::load(lab, opts.scale, engine.replicator().has_counters()).await?;
     let regions: Vec<String> = lab.spec.regions.iter().map(|r| r.name.clone()).collect();
     let label = format!("conflicts/{} balances", engine.name());
     let runs = pgbench::run_everywhere(lab, &regions, DATABASE, opts.clients, opts.seconds, &label)
@@ -233,7 +213,7 @@ async fn lost_updates(
     let transactions: u64 = runs.iter().map(|r| r.transactions).sum();
     Ok((
         json!({
-            "counters": engine == Engine::Foreshadow,
+            "counters": engine.replicator().has_counters(),
             "transactions": transactions,
             "tps": round2(runs.iter().map(|r| r.tps).sum()),
             "converged": converged,

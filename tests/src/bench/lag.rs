@@ -6,7 +6,7 @@
 use super::report::{Plot, Report, Target};
 use super::sampling::{round2, summary, Progress};
 use super::{ratio, with_lab, BenchOptions};
-use crate::lab::{Fault, Lab};
+use crate::lab::Lab;
 use crate::spec::Engine;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
@@ -269,35 +269,6 @@ async fn observe(
     }
 }
 
-/// Stops (true) or restarts applying in `region`.
-async fn pause_apply(lab: &Lab, region: &str, engine: Engine, pause: bool) -> Result<(), String> {
-    match engine {
-        Engine::Foreshadow => lab.fault(
-            region,
-            if pause {
-                Fault::KillSidecar
-            } else {
-                Fault::StartSidecar
-            },
-        ),
-        Engine::Pglogical => {
-            let f = if pause {
-                "alter_subscription_disable"
-            } else {
-                "alter_subscription_enable"
-            };
-            lab.client(region)
-                .await?
-                .batch_execute(&format!(
-                    "SELECT pglogical.{f}(sub_name, true) FROM pglogical.subscription"
-                ))
-                .await
-                .map_err(|e| format!("region {region}: {e}"))
-        }
-        Engine::Plain => Ok(()),
-    }
-}
-
 /// The apply-throughput phase (see the module comment).
 async fn drain(lab: &Lab, opts: &BenchOptions, engine: Engine) -> Result<Value, String> {
     let source = lab.spec.regions[0].name.clone();
@@ -311,7 +282,7 @@ async fn drain(lab: &Lab, opts: &BenchOptions, engine: Engine) -> Result<Value, 
         (opts.rate as i64 * 10).max(20_000)
     };
     for r in &others {
-        pause_apply(lab, r, engine, true).await?;
+        engine.replicator().pause_apply(lab, r, true).await?;
     }
     let t_write = Instant::now();
     let mut writers = Vec::new();
@@ -343,7 +314,7 @@ async fn drain(lab: &Lab, opts: &BenchOptions, engine: Engine) -> Result<Value, 
     let mut tasks = Vec::new();
     let resumed = Instant::now();
     for r in &others {
-        pause_apply(lab, r, engine, false).await?;
+        engine.replicator().pause_apply(lab, r, false).await?;
         let c = lab.client(r).await?;
         let region = r.clone();
         tasks.push(tokio::spawn(

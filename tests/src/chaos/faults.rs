@@ -1,7 +1,8 @@
 //! The faults a chaos run injects, each with its heal: a killed sidecar is
-//! started again, a stopped PostgreSQL started, a cut or black-holed region
-//! reconnected, a skewed clock (libfaketime, up to ±250 ms) set back at the
-//! end.
+//! started again, a stopped PostgreSQL started, a cut, black-holed or slowed
+//! link or region reconnected, a skewed clock (libfaketime, up to ±250 ms)
+//! set back at the end. Link faults go through the lab's per-link proxy
+//! control (`proxy::LinkControl`).
 
 use crate::lab::{Fault, Lab};
 use crate::spec::Engine;
@@ -21,6 +22,16 @@ pub enum Kind {
     /// A region's links black-holed: connections stay open, every byte
     /// vanishes, nobody is told (a cut WAN link); then healed.
     BlackHole,
+    /// Bytes from one region to another held (the other way flows): a
+    /// one-way cut, in both links between the two.
+    CutOneWay,
+    /// Both links between two regions reset and refused.
+    CutLink,
+    /// Both links between two regions held both ways: open and silent.
+    BlackHoleLink,
+    /// Both links between two regions slowed: 50-300 ms more delay, up to
+    /// 100 ms jitter, 5 % of chunks stalled for a retransmission.
+    SlowLink,
     /// A region's wall clock shifted by up to ±250 ms (PostgreSQL restarted
     /// under libfaketime); set back when the run heals.
     SkewClock,
@@ -34,8 +45,25 @@ impl Kind {
             Kind::Isolate => "isolate-region",
             Kind::BlackHole => "black-hole-region",
             Kind::SkewClock => "skew-clock",
+            Kind::CutOneWay => "cut-one-way",
+            Kind::CutLink => "cut-link",
+            Kind::BlackHoleLink => "black-hole-link",
+            Kind::SlowLink => "slow-link",
         }
     }
+
+    /// Every kind, for the run's schedule.
+    pub const ALL: [Kind; 9] = [
+        Kind::KillSidecar,
+        Kind::StopPostgres,
+        Kind::Isolate,
+        Kind::BlackHole,
+        Kind::CutOneWay,
+        Kind::CutLink,
+        Kind::BlackHoleLink,
+        Kind::SlowLink,
+        Kind::SkewClock,
+    ];
 }
 
 /// Every fault injected, with when and where.
@@ -66,24 +94,34 @@ impl FaultLog {
     }
 }
 
-/// A fault kind from the seed; sidecar faults only where there are sidecars.
-pub fn pick(rng: &mut Rng, engine: Engine) -> Kind {
-    let kinds: &[Kind] = match engine {
-        Engine::Foreshadow => &[
-            Kind::KillSidecar,
-            Kind::StopPostgres,
-            Kind::Isolate,
-            Kind::BlackHole,
-            Kind::SkewClock,
-        ],
-        _ => &[
-            Kind::StopPostgres,
-            Kind::Isolate,
-            Kind::BlackHole,
-            Kind::SkewClock,
-        ],
-    };
-    kinds[rng.next_u64() as usize % kinds.len()]
+/// The order of faults, from the seed: every kind the engine can suffer
+/// once per round, each round shuffled, so that a short run still sees
+/// every kind (sidecar faults only where there are sidecars).
+pub struct Schedule {
+    kinds: Vec<Kind>,
+    round: Vec<Kind>,
+}
+
+impl Schedule {
+    pub fn new(engine: Engine) -> Schedule {
+        Schedule {
+            kinds: Kind::ALL
+                .into_iter()
+                .filter(|k| *k != Kind::KillSidecar || engine.replicator().has_sidecars())
+                .collect(),
+            round: Vec::new(),
+        }
+    }
+
+    pub fn next(&mut self, rng: &mut Rng) -> Kind {
+        if self.round.is_empty() {
+            self.round = self.kinds.clone();
+            for i in (1..self.round.len()).rev() {
+                self.round.swap(i, rng.next_u64() as usize % (i + 1));
+            }
+        }
+        self.round.pop().expect("a round is never empty")
+    }
 }
 
 /// Injects `kind` on `region` and heals it after a pause from the seed
@@ -121,6 +159,43 @@ pub async fn inject(
             tokio::time::sleep(pause).await;
             lab.fault(region, Fault::Heal)?;
         }
+        Kind::CutOneWay | Kind::CutLink | Kind::BlackHoleLink | Kind::SlowLink => {
+            let others: Vec<&str> = lab
+                .spec
+                .regions
+                .iter()
+                .map(|r| r.name.as_str())
+                .filter(|r| *r != region)
+                .collect();
+            let other = others[rng.next_u64() as usize % others.len()];
+            let (delay, jitter) = (50 + rng.next_u64() % 251, rng.next_u64() % 101);
+            log.note(kind, region, format!("and {other} {detail}"));
+            let set = |on: bool| -> Result<(), String> {
+                match kind {
+                    Kind::CutOneWay => lab.hold_flow(region, other, on),
+                    _ => [(region, other), (other, region)]
+                        .iter()
+                        .try_for_each(|(a, b)| {
+                            lab.control_link(a, b, |c| match (kind, on) {
+                                (_, false) => *c = Default::default(),
+                                (Kind::CutLink, _) => c.reset = true,
+                                (Kind::BlackHoleLink, _) => {
+                                    c.hold_forward = true;
+                                    c.hold_back = true;
+                                }
+                                _ => {
+                                    c.delay_ms = delay;
+                                    c.jitter_ms = jitter;
+                                    c.loss_pct = 5;
+                                }
+                            })
+                        }),
+                }
+            };
+            set(true)?;
+            tokio::time::sleep(pause).await;
+            set(false)?;
+        }
         Kind::SkewClock => {
             let offset = (rng.next_u64() % 501) as i64 - 250;
             log.note(kind, region, format!("{offset:+} ms"));
@@ -150,7 +225,7 @@ pub async fn heal_all(lab: &Lab, log: &mut FaultLog) -> Result<(), String> {
         if skew_of(log, &r.name) != 0 || !lab.cluster(&r.name).running() {
             lab.skew_clock(&r.name, 0)?;
         }
-        if lab.spec.engine == Engine::Foreshadow
+        if lab.spec.engine.replicator().has_sidecars()
             && !lab.sidecar_pid(&r.name).is_some_and(crate::proc::alive)
         {
             lab.fault(&r.name, Fault::StartSidecar)?;

@@ -3,11 +3,15 @@
 //! function): the tables converged, every acknowledged insert is present
 //! unless an acknowledged delete removed it, nothing refused or never
 //! attempted is present, and every counter is the sum of its acknowledged
-//! increments plus some of the in-doubt ones.
+//! increments plus some of the in-doubt ones; no region showed a hot key
+//! going back to a value it had moved past (monotonic reads), and no region
+//! showed a value after a write made on reading it (causality: a
+//! read-then-write supersedes what it read, in every region, whatever the
+//! clocks say).
 
 use super::workload::{History, Op, Outcome, COUNTER_KEYS};
 use crate::lab::Lab;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 pub struct Check {
@@ -74,7 +78,7 @@ pub async fn check(lab: &Lab, history: &History) -> Result<Vec<Check>, String> {
     let (mut must, mut must_not) = (HashSet::new(), HashSet::new());
     let mut deleted_maybe = HashSet::new();
     let mut sums: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
-    for (op, outcome) in &history.0 {
+    for (op, outcome) in &history.ops {
         match (op, outcome) {
             (Op::Insert(id), o) => {
                 attempted.insert(*id);
@@ -146,5 +150,101 @@ pub async fn check(lab: &Lab, history: &History) -> Result<Vec<Check>, String> {
             });
         }
     }
-    Ok(vec![converged, kept, gone, phantom, counters])
+    let (monotonic, causal) = check_reads(lab, history).await?;
+    Ok(vec![
+        converged, kept, gone, phantom, counters, monotonic, causal,
+    ])
+}
+
+/// Monotonic reads and causality over what the readers saw, with each
+/// region's final (converged) value as its last observation.
+async fn check_reads(lab: &Lab, history: &History) -> Result<(Check, Check), String> {
+    let mut seen: BTreeMap<(String, i32), Vec<i64>> = BTreeMap::new();
+    for (region, key, v) in &history.observed.0 {
+        seen.entry((region.clone(), *key)).or_default().push(*v);
+    }
+    for r in &lab.spec.regions {
+        let c = lab.client(&r.name).await?;
+        for row in c
+            .query("SELECT id, v FROM chaos_hot", &[])
+            .await
+            .map_err(|e| format!("region {}: {e}", r.name))?
+        {
+            let (key, v): (i32, i64) = (row.get(0), row.get(1));
+            let values = seen.entry((r.name.clone(), key)).or_default();
+            if values.last() != Some(&v) {
+                values.push(v);
+            }
+        }
+    }
+    // What each acknowledged write read: it must supersede that, and all
+    // that the read value itself superseded.
+    let read_by: HashMap<i64, i64> = history
+        .ops
+        .iter()
+        .filter_map(|(op, o)| match (op, o) {
+            (Op::Overwrite { read, wrote, .. }, Outcome::Acknowledged) => Some((*wrote, *read)),
+            _ => None,
+        })
+        .collect();
+    let mut monotonic = Check::new("monotonic reads (no value seen again once moved past)");
+    let mut causal = Check::new("read-then-write supersedes what it read");
+    for ((region, key), values) in &seen {
+        let mut past: HashSet<i64> = HashSet::new();
+        let mut superseded: HashSet<i64> = HashSet::new();
+        for (i, &v) in values.iter().enumerate() {
+            if i > 0 {
+                monotonic.expect(!past.contains(&v), || {
+                    format!(
+                        "{region}: hot key {key} went back to {v} (seen: {})",
+                        around(values, i)
+                    )
+                });
+                causal.expect(!superseded.contains(&v), || {
+                    format!(
+                        "{region}: hot key {key} shows {v} after a write made on reading it (seen: {})",
+                        around(values, i)
+                    )
+                });
+            }
+            past.insert(v);
+            let mut w = v;
+            while let Some(&r) = read_by.get(&w) {
+                if !superseded.insert(r) {
+                    break;
+                }
+                w = r;
+            }
+        }
+    }
+    // Every acknowledged read-then-write counts as checked once more: its
+    // read value must not be any region's final value.
+    for ((region, key), values) in &seen {
+        let last = values.last().copied();
+        for (op, o) in &history.ops {
+            if let (
+                Op::Overwrite {
+                    key: k,
+                    read,
+                    wrote,
+                },
+                Outcome::Acknowledged,
+            ) = (op, o)
+            {
+                if k == key {
+                    causal.expect(last != Some(*read), || {
+                        format!("{region}: hot key {key} ended at {read}, which the write of {wrote} had read")
+                    });
+                }
+            }
+        }
+    }
+    Ok((monotonic, causal))
+}
+
+/// The values a region showed just before the `i`th.
+fn around(values: &[i64], i: usize) -> String {
+    let from = i.saturating_sub(4);
+    let shown: Vec<String> = values[from..=i].iter().map(i64::to_string).collect();
+    format!("{}{}", if from > 0 { "… " } else { "" }, shown.join(", "))
 }

@@ -103,17 +103,22 @@ async fn run_on(lab: &Lab, opts: &ChaosOptions) -> Result<Verdict, String> {
             let seed = opts.seed.wrapping_mul(31).wrapping_add(i as u64 + 1);
             tokio::spawn(async move { workload::write(&lab, i, seed, stop).await })
         })
+        .chain((0..opts.regions).map(|i| {
+            let (lab, stop) = (lab.clone(), stop.clone());
+            tokio::spawn(async move { workload::read(&lab, i, stop).await })
+        }))
         .collect();
     let mut rng = Rng::new(opts.seed);
     let until = Instant::now() + Duration::from_secs(opts.seconds);
     let mut log = faults::FaultLog::default();
+    let mut schedule = faults::Schedule::new(lab.spec.engine);
     while Instant::now() < until {
         let pause = Duration::from_millis(1_000 + rng.next_u64() % 3_000);
         tokio::time::sleep(pause.min(until.saturating_duration_since(Instant::now()))).await;
         if Instant::now() >= until {
             break;
         }
-        let fault = faults::pick(&mut rng, lab.spec.engine);
+        let fault = schedule.next(&mut rng);
         let region = lab.spec.regions[rng.next_u64() as usize % opts.regions]
             .name
             .clone();
