@@ -147,13 +147,19 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_schema name;
-    v_table  name;
-    v_kind   "char";
-    v_pk     text[];
+    v_schema    name;
+    v_table     name;
+    v_kind      "char";
+    v_persist   "char";
+    v_partition boolean;
+    v_pk        text[];
 BEGIN
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'foreshadow.make_global: table must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF announce_existing IS NULL THEN
+        RAISE EXCEPTION 'foreshadow.make_global: announce_existing must not be NULL' USING ERRCODE = 'null_value_not_allowed',
+              HINT = 'true sends the rows already in the table to the other regions; false when every region was loaded with them.';
     END IF;
     IF strategy IS NULL OR strategy = 'counter'
        OR NOT EXISTS (SELECT 1 FROM foreshadow.strategies s WHERE s.name = make_global.strategy) THEN
@@ -170,9 +176,33 @@ BEGIN
     END IF;
     PERFORM foreshadow.region_name();  -- raises if foreshadow.region is unset
 
-    SELECT n.nspname, c.relname, c.relkind INTO v_schema, v_table, v_kind
+    SELECT n.nspname, c.relname, c.relkind, c.relpersistence, c.relispartition
+      INTO v_schema, v_table, v_kind, v_persist, v_partition
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
      WHERE c.oid = tbl;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'relation with OID % does not exist', tbl::oid USING ERRCODE = 'undefined_table';
+    END IF;
+    IF v_schema IN ('pg_catalog', 'information_schema', 'pg_toast') THEN
+        RAISE EXCEPTION 'cannot make % global: it is a system table', tbl USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF v_schema = 'foreshadow' THEN
+        RAISE EXCEPTION 'cannot make % global: it belongs to Foreshadow', tbl USING ERRCODE = 'wrong_object_type',
+              HINT = 'Foreshadow replicates its own configuration itself.';
+    END IF;
+    IF v_persist = 't' THEN
+        RAISE EXCEPTION 'cannot make % global: it is a temporary table', tbl USING ERRCODE = 'wrong_object_type',
+              DETAIL = 'A temporary table exists only in the session that created it.';
+    END IF;
+    IF v_persist = 'u' THEN
+        RAISE EXCEPTION 'cannot make % global: it is an unlogged table', tbl USING ERRCODE = 'wrong_object_type',
+              DETAIL = 'A crash empties an unlogged table, and the regions would no longer agree.',
+              HINT = format('ALTER TABLE %s SET LOGGED first.', tbl);
+    END IF;
+    IF v_partition THEN
+        RAISE EXCEPTION 'cannot make % global: it is a partition', tbl USING ERRCODE = 'wrong_object_type',
+              HINT = 'Only ordinary (non-partitioned) tables can be global.';
+    END IF;
     IF v_kind <> 'r' THEN
         RAISE EXCEPTION 'cannot make % global: it is not an ordinary table', tbl
             USING ERRCODE = 'wrong_object_type',
@@ -217,6 +247,9 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'foreshadow.drop_global: table must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
     IF NOT EXISTS (SELECT 1 FROM foreshadow.tables t WHERE t.relid = tbl) THEN
         RAISE EXCEPTION 'table % is not global', tbl
             USING ERRCODE = 'undefined_object',
@@ -280,6 +313,11 @@ DECLARE
     t      foreshadow.tables;
     v_type regtype;
 BEGIN
+    IF tbl IS NULL OR column_name IS NULL OR strategy IS NULL THEN
+        RAISE EXCEPTION 'foreshadow.set_column_strategy: % must not be NULL',
+                        CASE WHEN tbl IS NULL THEN 'table' WHEN column_name IS NULL THEN 'column_name' ELSE 'strategy' END
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
     SELECT * INTO t FROM foreshadow.tables WHERE relid = tbl;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'table % is not global', tbl
@@ -448,20 +486,41 @@ BEGIN
                   DETAIL = 'Disabled, dropped, renamed or replaced, it would let writes bypass capture; they would no longer reach the other regions.',
                   HINT = 'Call foreshadow.drop_global() on the table to stop replicating it.';
     END IF;
+    IF (SELECT c.relpersistence FROM pg_class c WHERE c.oid = tbl) <> 'p' THEN
+        RAISE EXCEPTION 'global table % cannot be unlogged', tbl
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'A crash empties an unlogged table, and the regions would no longer agree.',
+                  HINT = 'Call foreshadow.drop_global() on the table first.';
+    END IF;
 END
 $$;
 
--- After any command that can change a table's triggers: every global table
--- still has its capture triggers (refuses ALTER TABLE ... DISABLE TRIGGER,
--- ENABLE REPLICA TRIGGER, ALTER TRIGGER ... RENAME, CREATE OR REPLACE
--- TRIGGER with another function, DROP TRIGGER). Tables whose triggers
+-- After any command that can change a table's triggers: the global tables
+-- it touched still have their capture triggers (refuses ALTER TABLE ...
+-- DISABLE TRIGGER, ENABLE REPLICA TRIGGER, SET UNLOGGED, ALTER TRIGGER ...
+-- RENAME, CREATE OR REPLACE TRIGGER with another function, DROP TRIGGER).
+-- Only the tables the command names are checked, so DDL costs the same
+-- with a thousand global tables as with one; DROP TRIGGER does not say
+-- which table it touched, so it checks them all. Tables whose triggers
 -- make_global or refresh_table are (re)making are not yet guarded.
 CREATE FUNCTION foreshadow.guard_capture() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_all boolean := TG_TAG = 'DROP TRIGGER';
+    v_touched oid[];
 BEGIN
-    PERFORM foreshadow.check_capture(t.relid::regclass) FROM foreshadow.tables t WHERE t.guarded;
+    IF NOT v_all THEN
+        SELECT array_agg(CASE WHEN c.classid = 'pg_catalog.pg_trigger'::regclass
+                              THEN (SELECT g.tgrelid FROM pg_trigger g WHERE g.oid = c.objid)
+                              ELSE c.objid END)
+          INTO v_touched
+          FROM pg_event_trigger_ddl_commands() c;
+    END IF;
+    PERFORM foreshadow.check_capture(t.relid::regclass)
+       FROM foreshadow.tables t
+      WHERE t.guarded AND (v_all OR t.relid = ANY (v_touched));
 END
 $$;
 CREATE EVENT TRIGGER foreshadow_guard_capture ON ddl_command_end

@@ -33,22 +33,27 @@ const REGISTRY_SQL: &str =
      pk_cols, counter_cols FROM foreshadow.tables WHERE relid OPERATOR(pg_catalog.=) $1";
 const LINK_KEY_SQL: &str = "SELECT key FROM foreshadow.link_key";
 
-fn registered(relid: pg_sys::Oid) -> TableArgs {
+/// What `foreshadow.tables` says of global table `relid`; `caller` names
+/// who asks, for the error when it is not global.
+fn registered(relid: pg_sys::Oid, caller: Caller) -> TableArgs {
     let found = Spi::connect_mut(|client| {
-        let plan = crate::spi::kept_plan(client, REGISTRY_SQL, &[pg_sys::OIDOID]);
-        let rows = client
-            .select(&*plan, None, &[relid.into()])
-            .unwrap_or_else(|e| panic!("{REGISTRY_SQL}: {e}"));
-        let row = rows.into_iter().next()?;
-        let text = |i| row.get::<String>(i).ok().flatten().unwrap_or_default();
-        let list = |i| row.get::<Vec<String>>(i).ok().flatten().unwrap_or_default();
-        Some(TableArgs {
-            schema: text(1),
-            table: text(2),
-            strategy: text(3),
-            pk: list(4),
-            counters: list(5),
-        })
+        crate::spi::first_row(
+            client,
+            REGISTRY_SQL,
+            &[pg_sys::OIDOID],
+            &[relid.into()],
+            |row| {
+                let text = |i| row.get::<String>(i).ok().flatten().unwrap_or_default();
+                let list = |i| row.get::<Vec<String>>(i).ok().flatten().unwrap_or_default();
+                Some(TableArgs {
+                    schema: text(1),
+                    table: text(2),
+                    strategy: text(3),
+                    pk: list(4),
+                    counters: list(5),
+                })
+            },
+        )
     });
     found.unwrap_or_else(|| {
         let name = unsafe { pg_sys::get_rel_name(relid) };
@@ -59,12 +64,27 @@ fn registered(relid: pg_sys::Oid) -> TableArgs {
                 .to_string_lossy()
                 .into_owned()
         };
-        crate::errors::raise(
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("foreshadow.capture() fired on table \"{name}\", which is not a global table"),
-            "Only foreshadow.make_global() attaches Foreshadow's capture trigger; drop this trigger.",
-        )
+        match caller {
+            Caller::Capture => crate::errors::raise(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("foreshadow.capture() fired on table \"{name}\", which is not a global table"),
+                "Only foreshadow.make_global() attaches Foreshadow's capture trigger; drop this trigger.",
+            ),
+            Caller::Function(f) => crate::errors::raise(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                format!("foreshadow.{f}: table \"{name}\" is not global"),
+                "SELECT * FROM foreshadow.global_tables lists the global tables.",
+            ),
+        }
     })
+}
+
+/// Who looks a global table up: the capture trigger (a table that is not
+/// global means a trigger attached by hand) or an SQL function.
+#[derive(Clone, Copy)]
+enum Caller {
+    Capture,
+    Function(&'static str),
 }
 
 /// This region's link key, which seals every intent (model's `seal`): read
@@ -78,13 +98,9 @@ fn link_key() -> Rc<Vec<u8>> {
         return k;
     }
     let key = Spi::connect_mut(|client| {
-        let plan = crate::spi::kept_plan(client, LINK_KEY_SQL, &[]);
-        let rows = client
-            .select(&*plan, None, &[])
-            .unwrap_or_else(|e| panic!("{LINK_KEY_SQL}: {e}"));
-        rows.into_iter()
-            .next()
-            .and_then(|r| r.get::<Vec<u8>>(1).ok().flatten())
+        crate::spi::first_row(client, LINK_KEY_SQL, &[], &[], |r| {
+            r.get::<Vec<u8>>(1).ok().flatten()
+        })
     })
     .expect("foreshadow.link_key has its row");
     let key = Rc::new(key);
@@ -172,7 +188,7 @@ fn captured(relid: pg_sys::Oid, desc: pg_sys::TupleDesc) -> Captured {
             return c;
         }
     }
-    let c = Rc::new((registered(relid), Printer::new(desc)));
+    let c = Rc::new((registered(relid, Caller::Capture), Printer::new(desc)));
     CAPTURED.with(|m| m.borrow_mut().insert(relid, (generation, c.clone())));
     c
 }
@@ -183,9 +199,16 @@ fn key_of(row: &Map<String, Value>, pk: &[String]) -> Map<String, Value> {
         .collect()
 }
 
+/// The version store, opened for one write or one announced table.
+fn open_store() -> Store {
+    let versions = Spi::connect_mut(crate::catalog::versions);
+    Store::new(Rc::new(crate::heap::Heap::open(versions)))
+}
+
 /// Stamps one local write and emits its intent. `row` is the new row image
 /// (None for deletes), `delta` the counter increments.
 fn record(
+    store: &Store,
     relid: pg_sys::Oid,
     t: &TableArgs,
     op: Op,
@@ -198,8 +221,6 @@ fn record(
     // The row's new version: a stamp from the region's clock above the
     // row's previous stamp (which may be a peer's, from a clock ahead of
     // this one), and the region's entry of the version vector up by one.
-    let versions = Spi::connect_mut(crate::catalog::versions);
-    let store = Store::new(Rc::new(crate::heap::Heap::open(versions)));
     let found = store.find(relid, &key_text);
     let here = found.as_ref().map(|f| &f.version);
     let mut vv = here.map(|v| v.vv.clone()).unwrap_or_default();
@@ -211,7 +232,6 @@ fn record(
         deleted: op == Op::Delete,
     };
     store.write(found.as_ref(), relid, &key_text, &version);
-    drop(store);
     emit(t, version, op, key, row, delta);
 }
 
@@ -282,7 +302,15 @@ fn capture<'a>(
         (Some(p.print(desc, data.tg_trigtuple)), None)
     };
     match (&old_row, new_row) {
-        (Some(o), None) => record(relid, t, Op::Delete, key_of(o, &t.pk), None, None),
+        (Some(o), None) => record(
+            &open_store(),
+            relid,
+            t,
+            Op::Delete,
+            key_of(o, &t.pk),
+            None,
+            None,
+        ),
         (_, Some(n)) => {
             let key = key_of(&n, &t.pk);
             let op = if old_row.is_some() {
@@ -309,7 +337,7 @@ fn capture<'a>(
             }
             let delta =
                 (!t.counters.is_empty()).then(|| counter_delta(&t.counters, old_row.as_ref(), &n));
-            record(relid, t, op, key, Some(n), delta);
+            record(&open_store(), relid, t, op, key, Some(n), delta);
         }
         (None, None) => {}
     }
@@ -381,10 +409,11 @@ fn counter_nulls<'a>(
 /// a batch at a time, printed as capture prints rows.
 #[pg_extern(volatile, parallel_unsafe)]
 fn announce_rows(tbl: pg_sys::Oid) {
-    let t = registered(tbl);
+    let t = registered(tbl, Caller::Function("announce_rows"));
+    let store = open_store();
     each_row(&t, |row| {
         let key = key_of(&row, &t.pk);
-        record(tbl, &t, Op::Insert, key, Some(row), None);
+        record(&store, tbl, &t, Op::Insert, key, Some(row), None);
     });
 }
 
@@ -428,7 +457,7 @@ fn each_row(t: &TableArgs, mut f: impl FnMut(Map<String, Value>)) {
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn reannounce(tbl: pg_sys::Oid) -> i64 {
-    let t = registered(tbl);
+    let t = registered(tbl, Caller::Function("reannounce"));
     if !t.counters.is_empty() {
         crate::errors::raise(
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
@@ -441,9 +470,9 @@ fn reannounce(tbl: pg_sys::Oid) -> i64 {
         );
     }
     let region = crate::gucs::region();
+    // One open of the version store for the whole table, not one per row.
+    let store = open_store();
     let own = |key: &Map<String, Value>, deleted: bool| -> Option<Version> {
-        let versions = Spi::connect_mut(crate::catalog::versions);
-        let store = Store::new(Rc::new(crate::heap::Heap::open(versions)));
         let key_text = serde_json::to_string(key).expect("a key serialises");
         let v = store.find(tbl, &key_text)?.version;
         (v.origin == region && v.deleted == deleted).then_some(v)

@@ -4,7 +4,7 @@
 //! columns the table has *now*, so an `ALTER TABLE` is picked up by the next
 //! write, never applied through a stale copy.
 
-use crate::spi::kept_plan;
+use crate::spi::first_row;
 use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
 use std::cell::{Cell, RefCell};
@@ -134,19 +134,23 @@ fn first_oid(
     args: &[pgrx::datum::DatumWithOid<'_>],
 ) -> Option<pg_sys::Oid> {
     let types: Vec<pg_sys::Oid> = args.iter().map(|_| pg_sys::TEXTOID).collect();
-    let plan = kept_plan(client, sql, &types);
-    let rows = client
-        .select(&*plan, None, args)
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    rows.into_iter().next()?.get::<pg_sys::Oid>(1).ok()?
+    first_row(client, sql, &types, args, |row| {
+        row.get::<pg_sys::Oid>(1).ok()?
+    })
 }
 
 fn lookup(client: &mut SpiClient<'_>, relid: pg_sys::Oid) -> Option<Table> {
-    let plan = kept_plan(client, TABLE_SQL, &[pg_sys::OIDOID]);
-    let rows = client
-        .select(&*plan, None, &[relid.into()])
-        .unwrap_or_else(|e| panic!("reading table {relid:?}: {e}"));
-    let row = rows.into_iter().next()?;
+    first_row(
+        client,
+        TABLE_SQL,
+        &[pg_sys::OIDOID],
+        &[relid.into()],
+        table_of,
+    )
+}
+
+/// A table's apply metadata from its `TABLE_SQL` row.
+fn table_of(row: &pgrx::spi::SpiHeapTupleData<'_>) -> Option<Table> {
     let list =
         |i: usize| -> Vec<String> { row.get::<Vec<String>>(i).ok().flatten().unwrap_or_default() };
     let names = list(5);

@@ -37,6 +37,22 @@ pub fn kept_plan(
     plan
 }
 
+/// The first row of `sql` (its kept plan), read by `read`; None when there
+/// is no row. For look-ups that expect one row or none.
+pub fn first_row<'a, T>(
+    client: &mut SpiClient<'_>,
+    sql: &str,
+    types: &[pg_sys::Oid],
+    args: &[DatumWithOid<'a>],
+    read: impl FnOnce(&pgrx::spi::SpiHeapTupleData<'_>) -> Option<T>,
+) -> Option<T> {
+    let plan = kept_plan(client, sql, types);
+    let rows = client
+        .select(&*plan, None, args)
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    read(&rows.into_iter().next()?)
+}
+
 /// Runs `sql` with its kept plan; returns the rows, every column as text.
 pub fn run_kept<'a>(
     client: &mut SpiClient<'_>,

@@ -100,22 +100,32 @@ impl ApplySession {
     }
 
     /// The peer position applied up to, committed with the applies
-    /// themselves; `flushed`: only what is on disk here.
-    pub async fn progress(&self, flushed: bool) -> Result<Lsn, Error> {
+    /// themselves.
+    pub async fn progress(&self) -> Result<Lsn, Error> {
+        Ok(self.progress_both().await?.1)
+    }
+
+    /// (flushed, applied): the peer position whose applies are on disk
+    /// here, and the one applied up to, read in one round trip.
+    pub async fn progress_both(&self) -> Result<(Lsn, Lsn), Error> {
         let row = self
             .client
             .query_one(
-                "SELECT pg_catalog.pg_replication_origin_progress($1, $2)::text",
-                &[&self.origin, &flushed],
+                "SELECT pg_catalog.pg_replication_origin_progress($1, true)::text, \
+                        pg_catalog.pg_replication_origin_progress($1, false)::text",
+                &[&self.origin],
             )
             .await
             .map_err(|e| Error::from_pg(format!("reading progress of {}", self.origin), e))?;
-        match row.get::<_, Option<String>>(0) {
-            None => Ok(Lsn(0)),
-            Some(text) => text
-                .parse()
-                .map_err(|e| Error::protocol("reading origin progress", e)),
-        }
+        let lsn = |i: usize| -> Result<Lsn, Error> {
+            match row.get::<_, Option<String>>(i) {
+                None => Ok(Lsn(0)),
+                Some(text) => text
+                    .parse()
+                    .map_err(|e| Error::protocol("reading origin progress", e)),
+            }
+        };
+        Ok((lsn(0)?, lsn(1)?))
     }
 
     /// Applies the transactions past `progress`, in the peer's commit order,

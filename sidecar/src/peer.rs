@@ -99,7 +99,7 @@ async fn session(
     let mut apply = ApplySession::open(local, &peer.name).await?;
     // Where applying resumes: the last commit here, flushed or not (the
     // in-memory origin position, which is what `apply_transaction` checks).
-    let mut progress = apply.progress(false).await?;
+    let mut progress = apply.progress().await?;
     let what = format!("replicating from peer {}", peer.name);
     let linked = async {
         let remote = connect(&peer.dsn, &format!("peer {}", peer.name), timeout).await?;
@@ -235,8 +235,7 @@ async fn confirm(
     received: Lsn,
     idle_upto: Lsn,
 ) -> Result<(), Error> {
-    let flushed = apply.progress(true).await?;
-    let applied = apply.progress(false).await?;
+    let (flushed, applied) = apply.progress_both().await?;
     let flushed = if flushed == applied && idle_upto > flushed {
         idle_upto
     } else {

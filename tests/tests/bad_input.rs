@@ -1,4 +1,9 @@
-//! Bad input gets a clear error, and replication of everything else goes on.
+//! Bad input, surface 5 of 5: peers (one that does not exist, one that
+//! accepts connections and never answers, a region cut off), the lab's and
+//! the sidecar's life cycle, and a few SQL API refusals with their hints.
+//! Each gets a clear error or a logged state, and replication of
+//! everything else goes on. (Surfaces 1-4: `bad_input_sql.rs`,
+//! `bad_input_config.rs`, `bad_input_intents.rs`, `bad_input_rows.rs`.)
 
 mod common;
 
@@ -7,34 +12,6 @@ use foreshadow_lab::proc::sibling_binary;
 use foreshadow_lab::Fault;
 use std::process::Command;
 use std::time::Duration;
-
-#[test]
-fn bad_sidecar_config_is_refused_naming_the_key() {
-    let dir = std::env::temp_dir().join(format!("foreshadow-badconfig-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("sidecar.toml");
-    let run = |text: &str| {
-        std::fs::write(&path, text).unwrap();
-        let out = Command::new(sibling_binary("foreshadow-sidecar"))
-            .args(["--config", path.to_str().unwrap(), "--check-config"])
-            .output()
-            .expect("runs the sidecar");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned()
-                + &String::from_utf8_lossy(&out.stdout),
-        )
-    };
-    let good = "region = \"a\"\nprimary = \"host=127.0.0.1 user=x\"\n[[peers]]\nname = \"b\"\ndsn = \"host=127.0.0.1 port=1\"\n";
-    assert_eq!(run(good).0, Some(0));
-    let (code, text) = run(&good.replace("region", "regoin"));
-    assert_eq!(code, Some(78), "{text}");
-    assert!(text.contains("unknown field `regoin`"), "{text}");
-    let (code, text) = run(&good.replace("port=1", "port=x"));
-    assert_eq!(code, Some(78));
-    assert!(text.contains("peers[0].dsn"), "{text}");
-    let _ = std::fs::remove_dir_all(&dir);
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_api_refuses_bad_tables_and_strategies_with_clear_errors() {
@@ -79,10 +56,27 @@ async fn sql_api_refuses_bad_tables_and_strategies_with_clear_errors() {
 async fn peer_pointing_nowhere_and_cut_region_do_not_stop_the_others() {
     let lab = lab("deadpeer", 3, 0).await;
     let r = names(&lab);
-    // Region 1's sidecar gets an extra peer that does not exist.
+    // A "peer" that accepts connections and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in silent.incoming() {
+            held.push(conn);
+        }
+    });
+    // Region 1's sidecar gets two extra peers: one that does not exist,
+    // one that never answers.
     lab.fault(&r[0], Fault::KillSidecar).unwrap();
     let mut config = lab.sidecar_config(&r[0]).unwrap();
-    config = config.replacen("\n[apply]", "\n[[peers]]\nname = \"ghost\"\ndsn = \"host=127.0.0.1 port=1 user=x dbname=app\"\n\n[apply]", 1);
+    config = config.replacen(
+        "\n[apply]",
+        &format!(
+            "\n[[peers]]\nname = \"ghost\"\ndsn = \"host=127.0.0.1 port=1 user=x dbname=app\"\n\
+             \n[[peers]]\nname = \"silent\"\ndsn = \"host=127.0.0.1 port={silent_port} user=x dbname=app\"\n\n[apply]"
+        ),
+        1,
+    );
     lab.start_sidecar_with(&r[0], &config).unwrap();
     // And region 3 is cut off from everyone.
     lab.fault(&r[2], Fault::Cut).unwrap();
@@ -115,6 +109,20 @@ async fn peer_pointing_nowhere_and_cut_region_do_not_stop_the_others() {
     assert!(
         log.contains("peer=ghost") && log.contains("retrying"),
         "the dead peer is not logged:\n{log}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let silent_logged = |log: &str| {
+        log.lines()
+            .any(|l| l.contains("peer=silent") && l.contains("retrying") && l.contains("timed out"))
+    };
+    let mut log = log;
+    while !silent_logged(&log) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        log = std::fs::read_to_string(lab.region_dir(&r[0]).join("sidecar.log")).unwrap();
+    }
+    assert!(
+        silent_logged(&log),
+        "the silent peer's timeout is not logged:\n{log}"
     );
     assert!(!log.contains("password"), "log mentions a password");
     // Healing lets the cut region catch up.
@@ -236,23 +244,67 @@ async fn set_column_strategy_refuses_bad_columns_with_clear_errors() {
 
 #[test]
 fn lab_cli_refuses_bad_engines_scenarios_and_sizes() {
-    let run = |args: &[&str]| {
+    const NEVER: &str = "/tmp/foreshadow-never";
+    // (arguments, words every refusal must contain)
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["up", "--dir", NEVER, "--engine", "bdr"],
+            &[
+                "invalid value 'bdr' for '--engine <ENGINE>'",
+                "[possible values: foreshadow, pglogical, plain]",
+            ],
+        ),
+        (
+            &["bench", "speed"],
+            &[
+                "invalid value 'speed'",
+                "overhead, lag, conflicts, catchup, all",
+            ],
+        ),
+        (&["bench", "lag", "--regions", "9"], &["9 is not in 2..=5"]),
+        (
+            &["bench", "lag", "--seconds", "soon"],
+            &["invalid value 'soon' for '--seconds"],
+        ),
+        (
+            &["chaos", "--minutes", "1", "--seconds", "5"],
+            &["cannot be used with"],
+        ),
+        (
+            &[
+                "link", "--dir", NEVER, "--from", "a", "--to", "b", "--heal", "--reset",
+            ],
+            &["cannot be used with"],
+        ),
+        (
+            &[
+                "link",
+                "--dir",
+                NEVER,
+                "--from",
+                "a",
+                "--to",
+                "b",
+                "--loss-pct",
+                "101",
+            ],
+            &["101 is not in 0..=100"],
+        ),
+        (
+            &["fault", "--dir", NEVER, "--region", "a", "explode"],
+            &["invalid value 'explode'"],
+        ),
+    ];
+    for (args, words) in cases {
         let out = Command::new(sibling_binary("foreshadow-lab"))
-            .args(args)
+            .args(*args)
             .output()
             .expect("runs the lab");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
-    let (ok, err) = run(&["up", "--dir", "/tmp/foreshadow-never", "--engine", "bdr"]);
-    assert!(!ok && err.contains("unknown engine \"bdr\""), "{err}");
-    let (ok, err) = run(&["bench", "speed"]);
-    assert!(!ok && err.contains("unknown scenario \"speed\""), "{err}");
-    let (ok, err) = run(&["bench", "lag", "--regions", "9"]);
-    assert!(!ok && err.contains("2 to 5 regions"), "{err}");
-    let (ok, err) = run(&["bench", "lag", "--seconds", "soon"]);
-    assert!(!ok && err.contains("--seconds"), "{err}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        for w in *words {
+            assert!(err.contains(w), "{args:?}: no {w:?} in {err}");
+        }
+    }
     assert!(!std::path::Path::new("/tmp/foreshadow-never").exists());
 }

@@ -6,7 +6,9 @@
 
 mod common;
 
-use common::{client_as, create_login_role, lab, names, pg_error, text_in, wait_for, CONVERGE};
+use common::{
+    barrier, client_as, create_login_role, lab, names, pg_error, text_in, wait_for, CONVERGE,
+};
 use std::time::Duration;
 
 /// An intent for `accounts` as capture in `origin` would write it (unsealed).
@@ -23,31 +25,6 @@ fn intent(origin: &str, id: i64) -> String {
 
 async fn count_in(lab: &foreshadow_lab::Lab, region: &str, sql: &str) -> i64 {
     common::scalar_i64(lab, region, sql).await
-}
-
-/// Waits until a write made in `from` after everything else has reached
-/// every region: what came before it on the link has been dealt with.
-async fn barrier(lab: &foreshadow_lab::Lab, from: &str, id: i64) {
-    lab.client(from)
-        .await
-        .unwrap()
-        .execute(
-            "INSERT INTO accounts VALUES ($1, 'barrier', 1, NULL)",
-            &[&id],
-        )
-        .await
-        .unwrap();
-    for r in names(lab) {
-        wait_for(
-            lab,
-            &r,
-            &format!("SELECT region FROM accounts WHERE id = {id}"),
-            Some("barrier"),
-            CONVERGE,
-        )
-        .await
-        .unwrap();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,7 +91,7 @@ async fn an_ordinary_role_cannot_reach_other_regions() {
         );
     }
 
-    barrier(&lab, &r[0], 1).await;
+    barrier(&lab, &r[0], &r, 1).await;
     for region in &r {
         assert_eq!(
             count_in(
@@ -196,7 +173,7 @@ async fn an_intent_that_lies_about_its_origin_is_kept_not_applied() {
         )
         .await
         .unwrap();
-    barrier(&lab, &r[0], 2).await;
+    barrier(&lab, &r[0], &r, 2).await;
     for region in &r {
         assert_eq!(
             count_in(&lab, region, "SELECT count(*) FROM accounts WHERE id = 700").await,

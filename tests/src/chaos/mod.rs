@@ -61,7 +61,7 @@ impl Verdict {
         );
         for c in &self.checks {
             out.push_str(&format!(
-                "  {:<44} checked {:>7}  violated {:>4}\n",
+                "  {:<54} checked {:>7}  violated {:>4}\n",
                 c.name, c.checked, c.violated
             ));
             for e in c.examples.iter().take(5) {

@@ -284,3 +284,28 @@ pub fn sidecar_config_without(lab: &Lab, region: &str, peer: &str) -> String {
         .unwrap_or(text.len());
     format!("{}{}", &text[..start], &text[end..])
 }
+
+/// A real write in `from` after everything else, arrived in every region
+/// of `to`: whatever came before it on those links has been dealt with.
+pub async fn barrier(lab: &Lab, from: &str, to: &[String], id: i64) {
+    lab.client(from)
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO accounts VALUES ($1, 'barrier', 1, NULL)",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    for r in to {
+        wait_for(
+            lab,
+            r,
+            &format!("SELECT region FROM accounts WHERE id = {id}"),
+            Some("barrier"),
+            CONVERGE,
+        )
+        .await
+        .unwrap();
+    }
+}
