@@ -86,6 +86,33 @@ CREATE TABLE foreshadow.dead_letters (
     intent      text NOT NULL
 );
 
+-- The conflict history: every conflict this region resolved (Rust,
+-- conflicts.rs), kept for foreshadow.conflict_retention. The view
+-- foreshadow.conflicts is how to read it.
+CREATE TABLE foreshadow.conflict_log (
+    id            bigserial PRIMARY KEY,
+    detected_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
+    relid         oid NOT NULL,
+    key           text NOT NULL,
+    kind          text NOT NULL CHECK (kind IN ('insert_exists', 'update_origin_differs', 'update_missing',
+                                                'update_deleted', 'delete_origin_differs', 'delete_missing')),
+    strategy      text NOT NULL,
+    -- This region's version of the row (NULL: it had none).
+    local_origin  text,
+    local_hlc     bigint,
+    local_deleted boolean,
+    -- The peer's write.
+    remote_origin text NOT NULL,
+    remote_hlc    bigint NOT NULL,
+    remote_op     text NOT NULL,
+    -- Where it was resolved: 'local' (this primary, on arrival); shadows
+    -- ('shadow', 'fallback') are to come.
+    resolved_by   text NOT NULL CHECK (resolved_by IN ('shadow', 'fallback', 'local')),
+    outcome       text NOT NULL,
+    resolved_at   timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX conflict_log_detected_at ON foreshadow.conflict_log (detected_at);
+
 -- What this region has received from each peer region: every intent counts
 -- once, in the transaction that applies it, so these figures are exact even
 -- across sidecar crashes (a test relies on that).
@@ -135,6 +162,24 @@ SELECT 'rejected', d.origin,
        min(d.received_at)
   FROM foreshadow.dead_letters d
  GROUP BY d.origin, d.kind;
+
+-- The conflict history within foreshadow.conflict_retention, newest first:
+-- the table and key, the kind (PostgreSQL's names for logical replication
+-- conflicts), the strategy, both leaves (this region's version of the row,
+-- then the peer's write, each with its origin and stamp), where it was
+-- resolved, what won, and how long resolving took.
+CREATE VIEW foreshadow.conflicts AS
+SELECT c.id, c.detected_at, c.relid::regclass AS table_name, c.key::jsonb AS key, c.kind, c.strategy,
+       jsonb_build_array(
+           jsonb_build_object('side', 'local', 'origin', c.local_origin,
+                              'stamp', foreshadow.hlc_text(c.local_hlc), 'deleted', c.local_deleted),
+           jsonb_build_object('side', 'remote', 'origin', c.remote_origin,
+                              'stamp', foreshadow.hlc_text(c.remote_hlc), 'op', c.remote_op)) AS leaves,
+       c.resolved_by, c.outcome,
+       extract(epoch FROM c.resolved_at - c.detected_at) * 1000 AS resolution_ms
+  FROM foreshadow.conflict_log c
+ WHERE c.detected_at >= now() - current_setting('foreshadow.conflict_retention')::interval
+ ORDER BY c.id DESC;
 
 CREATE VIEW foreshadow.row_version AS
 SELECT v.relid::regclass AS table_name, v.key::jsonb AS key, foreshadow.hlc_text(v.hlc) AS hlc,
@@ -542,4 +587,4 @@ REVOKE EXECUTE ON FUNCTION foreshadow.make_global(regclass, text, boolean), fore
 GRANT USAGE ON SCHEMA foreshadow TO PUBLIC;
 GRANT SELECT ON foreshadow.global_tables, foreshadow.strategies TO PUBLIC;
 -- Lane errors can quote row values: monitoring roles only.
-GRANT SELECT ON foreshadow.peer_stats, foreshadow.alerts TO pg_monitor;
+GRANT SELECT ON foreshadow.peer_stats, foreshadow.alerts, foreshadow.conflicts TO pg_monitor;

@@ -22,6 +22,7 @@
 //! that peer's lane with a visible error until the cause is gone.
 
 use crate::catalog::{self, Table};
+use crate::conflicts::Conflict;
 use crate::errors::raise;
 use crate::heap::{Heap, Heaps, Values};
 use crate::row_versions::{Found, Store, Version};
@@ -50,10 +51,11 @@ const COUNT_SQL: &str = "INSERT INTO foreshadow.peer_stats AS s \
 const LOCK_TIMEOUT_SQL: &str = "SELECT pg_catalog.set_config('lock_timeout', $1, true)";
 
 /// What applying one intent did.
-#[derive(Default, Clone, Copy)]
+#[derive(Default)]
 pub struct Outcome {
     pub changed: bool,
-    pub conflict: bool,
+    /// The conflict it met, recorded in foreshadow.conflicts.
+    pub conflict: Option<Conflict>,
 }
 
 /// Why an intent can never apply here (a dead letter's `kind`).
@@ -268,6 +270,9 @@ pub fn apply_intent(
     };
     let cur = store.find(t.relid, &key_text);
     let o = decide(t, i, cur, row, &heap, &store, (&key, &key_text));
+    if let Some(c) = &o.conflict {
+        crate::conflicts::record(client, t, i, &key_text, c);
+    }
     if row == RowState::Inserted && !o.changed {
         // The write lost to the version here (a newer delete): the row
         // claimed for it goes again.
@@ -291,7 +296,15 @@ fn decide(
 ) -> Outcome {
     let here = cur.as_ref().map(|f| &f.version);
     let mut vv = here.map(|c| c.vv.clone()).unwrap_or_default();
-    let conflict = here.is_some() && vv.compare(&i.vv) == Causality::Concurrent;
+    let concurrent = here.is_some() && vv.compare(&i.vv) == Causality::Concurrent;
+    let existed = matches!(row, RowState::Locked(_));
+    let conflict = |outcome| {
+        crate::conflicts::kind(i.op, here, existed, concurrent).map(|kind| Conflict {
+            kind,
+            local: here.cloned(),
+            outcome,
+        })
+    };
     vv.merge(&i.vv);
     let wins = incoming_wins(
         Stamp {
@@ -326,7 +339,14 @@ fn decide(
             }
             _ => false,
         };
-        return Outcome { changed, conflict };
+        return Outcome {
+            changed,
+            conflict: conflict(if changed {
+                "kept, increments added"
+            } else {
+                "kept"
+            }),
+        };
     }
     match (i.op, row) {
         (Op::Delete, RowState::Locked(local)) => heap.delete(local),
@@ -352,7 +372,7 @@ fn decide(
     store.write(cur.as_ref(), t.relid, key_text, &new);
     Outcome {
         changed: true,
-        conflict,
+        conflict: conflict("applied"),
     }
 }
 
@@ -518,7 +538,7 @@ fn apply_transaction(
         for raw in &elements {
             let o = apply_raw(client, &mut heaps, peer, raw);
             changed += o.changed as i32;
-            conflicts += o.conflict as i32;
+            conflicts += o.conflict.is_some() as i32;
         }
         count(client, peer, elements.len() as i32, changed, conflicts);
         if let Some(at) = origin_lsn {

@@ -41,7 +41,13 @@ fn retry_dead_letters() -> i64 {
             }
             let o = apply_raw(client, &mut heaps, origin, intent);
             run_kept(client, DONE_SQL, &[pg_sys::TEXTOID], &[id.as_str().into()]);
-            crate::apply::count(client, origin, 0, o.changed as i32, o.conflict as i32);
+            crate::apply::count(
+                client,
+                origin,
+                0,
+                o.changed as i32,
+                o.conflict.is_some() as i32,
+            );
             applied += 1;
         }
         applied

@@ -15,7 +15,20 @@ pub static REGION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::
 /// as CockroachDB's `max-offset`.
 pub static MAX_CLOCK_OFFSET_MS: GucSetting<i32> = GucSetting::<i32>::new(500);
 
+/// How long `foreshadow.conflicts` keeps a conflict (minutes).
+pub static CONFLICT_RETENTION_MIN: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 60);
+
 pub fn init() {
+    GucRegistry::define_int_guc(
+        c"foreshadow.conflict_retention",
+        c"How long the conflict history keeps a conflict.",
+        c"foreshadow.conflicts shows the conflicts of this long ago and since; older entries are removed as new ones are recorded.",
+        &CONFLICT_RETENTION_MIN,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MIN,
+    );
     GucRegistry::define_int_guc(
         c"foreshadow.max_clock_offset",
         c"Largest clock offset accepted from a peer region.",

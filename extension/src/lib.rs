@@ -9,6 +9,7 @@ mod canonical;
 mod capture;
 mod catalog;
 mod clock;
+mod conflicts;
 mod dead_letters;
 mod errors;
 mod gucs;

@@ -14,6 +14,7 @@ use serde_json::{Map, Value};
 use std::rc::Rc;
 
 /// A row's version as stored.
+#[derive(Clone, Debug)]
 pub struct Version {
     pub hlc: Hlc,
     pub origin: String,

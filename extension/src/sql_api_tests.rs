@@ -286,6 +286,78 @@ mod tests {
         );
     }
 
+    /// Every conflict applying peers' writes meets is in the history, by
+    /// PostgreSQL's kind; a region's own successive writes and a write that
+    /// had seen the version here are none; entries older than
+    /// foreshadow.conflict_retention are not shown.
+    #[pg_test]
+    fn conflicts_are_recorded_by_kind() {
+        setup_accounts();
+        Spi::run(
+            "INSERT INTO accounts VALUES (1, 'a', 1), (2, 'a', 2), (5, 'a', 5), (6, 'a', 6); \
+             UPDATE accounts SET balance = 20 WHERE id = 2; UPDATE accounts SET balance = 21 WHERE id = 2; \
+             DELETE FROM accounts WHERE id = 5",
+        )
+        .unwrap();
+        let intent = |op: &str, id: i64, hlc: u64, vv: &str| {
+            let row = if op == "delete" {
+                "null".to_string()
+            } else {
+                format!(r#"{{"id":"{id}","owner":"p","balance":"{hlc}"}}"#)
+            };
+            format!(
+                r#"{{"v":2,"origin":"peer","hlc":{hlc},"schema":"public","table":"accounts","op":"{op}","key":{{"id":"{id}"}},"row":{row},"vv":{vv},"strategy":"lww","class":"data"}}"#
+            )
+        };
+        // Just ahead of this region's clock (within max_clock_offset).
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let far = foreshadow_model::Hlc::from_millis(now_ms + 200).0;
+        let batch = format!(
+            "[{}, {}, {}, {}, {}, {}]",
+            intent("update", 1, far, r#"{"peer":1}"#),
+            intent("update", 3, far, r#"{"peer":2}"#),
+            intent("delete", 4, far, r#"{"peer":2}"#),
+            intent("update", 5, 1, r#"{"peer":1}"#),
+            intent("insert", 6, 1, r#"{"peer":1}"#),
+            // Had seen this region's second write of row 2: no conflict.
+            intent("update", 2, far, r#"{"peer":1,"test-region":3}"#),
+        );
+        apply(&batch);
+        let kinds = Spi::get_one::<String>(
+            "SELECT string_agg(key->>'id' || ' ' || kind || ' ' || outcome, ', ' ORDER BY id) \
+               FROM foreshadow.conflicts",
+        );
+        assert_eq!(
+            kinds,
+            Ok(Some(
+                "1 update_origin_differs applied, 3 update_missing applied, 4 delete_missing applied, \
+                 5 update_deleted kept, 6 insert_exists kept"
+                    .into()
+            ))
+        );
+        assert_eq!(
+            Spi::get_one::<String>(
+                "SELECT leaves::text FROM foreshadow.conflicts WHERE key->>'id' = '6'"
+            )
+            .unwrap()
+            .map(|l| l.contains(r#""origin": "test-region""#) && l.contains(r#""origin": "peer""#)),
+            Some(true)
+        );
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT conflicts FROM foreshadow.peer_stats"),
+            Ok(Some(5))
+        );
+        Spi::run("UPDATE foreshadow.conflict_log SET detected_at = now() - interval '8 days' WHERE key = '{\"id\":\"1\"}'")
+            .unwrap();
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM foreshadow.conflicts"),
+            Ok(Some(4))
+        );
+    }
+
     fn setup_counters() {
         Spi::run("CREATE TABLE public.c (id int PRIMARY KEY, n bigint NOT NULL, note text)")
             .unwrap();

@@ -74,6 +74,10 @@ async fn overhead_quick() {
     }
     let c = &doc["capture_alone"];
     assert!(num(&c["ratio"]) > 0.0 && num(&c["plain_mean"]) > 0.0, "{c}");
+    assert!(
+        num(&c["counters_ratio"]) > 0.0 && num(&c["counters_mean"]) > 0.0,
+        "capture with counter columns measured: {c}"
+    );
     assert!(num(&doc["ratios"]["foreshadow_vs_pglogical"]) > 0.0);
 }
 

@@ -5,18 +5,37 @@
 
 use super::pgbench::{self, summed_per_second};
 use super::report::{Plot, Report, Target};
-use super::sampling::round2;
+use super::sampling::{round2, show};
 use super::{ratio, with_lab, BenchOptions};
 use crate::lab::{Fault, Lab, DATABASE};
 use crate::spec::Engine;
-use serde_json::{json, Value};
+use serde::Serialize;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+
+/// One engine's catch-up.
+#[derive(Serialize)]
+struct Figures {
+    transactions: u64,
+    tps: Option<f64>,
+    run_s: Option<f64>,
+    catchup_after_restart_s: Option<f64>,
+    catchup_after_load_s: Option<f64>,
+    sustainable_tps: Option<f64>,
+    per_second_tps: Vec<(f64, f64)>,
+    rows_behind_after_restart: Vec<(f64, f64)>,
+}
+
+#[derive(Serialize)]
+struct Ratios {
+    sustainable_tps_foreshadow_vs_pglogical: Option<f64>,
+}
 
 pub async fn run(opts: &BenchOptions, report: &mut Report) -> Result<(), String> {
     if opts.regions < 2 {
         return Err("catchup needs at least 2 regions".into());
     }
-    let mut engines = serde_json::Map::new();
+    let mut engines = BTreeMap::new();
     let mut curves = Vec::new();
     for engine in [Engine::Foreshadow, Engine::Pglogical] {
         let (figures, curve) = with_lab(opts, engine, opts.regions, "catchup", async |lab| {
@@ -24,9 +43,9 @@ pub async fn run(opts: &BenchOptions, report: &mut Report) -> Result<(), String>
         })
         .await?;
         curves.push((engine.name().to_string(), curve));
-        engines.insert(engine.name().into(), figures);
+        engines.insert(engine.name(), figures);
     }
-    let rate = |e: &str| engines[e]["sustainable_tps"].as_f64().unwrap_or(0.0);
+    let rate = |e: &str| engines[e].sustainable_tps.unwrap_or(0.0);
     let (fs, pgl) = (rate("foreshadow"), rate("pglogical"));
     let mut md = format!(
         "pgbench (scale {}, {} clients) in every region but the last for {} s; the last region's \
@@ -38,18 +57,20 @@ pub async fn run(opts: &BenchOptions, report: &mut Report) -> Result<(), String>
     for (name, e) in &engines {
         md.push_str(&format!(
             "| {name} | {} | {} | {} | {} | {} |\n",
-            e["transactions"],
-            e["tps"],
-            e["catchup_after_restart_s"],
-            e["catchup_after_load_s"],
-            e["sustainable_tps"]
+            e.transactions,
+            show(e.tps),
+            show(e.catchup_after_restart_s),
+            show(e.catchup_after_load_s),
+            show(e.sustainable_tps)
         ));
     }
     report.set(
         "ratios",
-        json!({"sustainable_tps_foreshadow_vs_pglogical": ratio(fs, pgl)}),
+        Ratios {
+            sustainable_tps_foreshadow_vs_pglogical: ratio(fs, pgl),
+        },
     );
-    report.set("engines", Value::Object(engines));
+    report.set("engines", &engines);
     report.section("Catch-up after an outage", md);
     report.targets(&[Target {
         name: "sustainable rate: Foreshadow vs pglogical",
@@ -89,7 +110,7 @@ async fn one(
     lab: &Lab,
     opts: &BenchOptions,
     engine: Engine,
-) -> Result<(Value, Vec<(f64, f64)>), String> {
+) -> Result<(Figures, Vec<(f64, f64)>), String> {
     pgbench::load(lab, opts.scale, false).await?;
     let names: Vec<String> = lab.spec.regions.iter().map(|r| r.name.clone()).collect();
     let (down, writers) = names.split_last().expect("two regions");
@@ -147,16 +168,16 @@ async fn one(
         caught_up.duration_since(restarted).as_secs_f64()
     );
     Ok((
-        json!({
-            "transactions": transactions,
-            "tps": round2(runs.iter().map(|r| r.tps).sum()),
-            "run_s": round2(run_time),
-            "catchup_after_restart_s": round2(caught_up.duration_since(restarted).as_secs_f64()),
-            "catchup_after_load_s": round2(after_load),
-            "sustainable_tps": round2(sustainable),
-            "per_second_tps": summed_per_second(&runs),
-            "rows_behind_after_restart": curve,
-        }),
+        Figures {
+            transactions,
+            tps: round2(runs.iter().map(|r| r.tps).sum()),
+            run_s: round2(run_time),
+            catchup_after_restart_s: round2(caught_up.duration_since(restarted).as_secs_f64()),
+            catchup_after_load_s: round2(after_load),
+            sustainable_tps: round2(sustainable),
+            per_second_tps: summed_per_second(&runs),
+            rows_behind_after_restart: curve.clone(),
+        },
         curve,
     ))
 }

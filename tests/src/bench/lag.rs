@@ -4,11 +4,12 @@
 //! while they drain it. Above that rate, lag grows without bound.
 
 use super::report::{Plot, Report, Target};
-use super::sampling::{round2, summary, Progress};
+use super::sampling::{round2, show, summary, Progress, Summary};
 use super::{ratio, with_lab, BenchOptions};
 use crate::lab::Lab;
 use crate::spec::Engine;
-use serde_json::{json, Value};
+use serde::Serialize;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,8 +17,55 @@ const WRITERS: i32 = 4;
 const PROBE_DDL: &str = "CREATE TABLE public.lag_probe (writer int, seq bigint, \
     written_at timestamptz NOT NULL DEFAULT clock_timestamp(), PRIMARY KEY (writer, seq))";
 
+/// One engine's figures: steady lag, then apply throughput.
+#[derive(Serialize)]
+struct Figures {
+    steady: Steady,
+    apply: Apply,
+}
+
+#[derive(Serialize)]
+struct Steady {
+    target_rows_per_s: u64,
+    achieved_rows_per_s: Option<f64>,
+    rows_written: usize,
+    last_seq_per_writer: Vec<i64>,
+    samples: usize,
+    missing_samples: usize,
+    lag_minus_wan_ms: Summary,
+    regions: Vec<RegionLag>,
+    lag_minus_wan_ms_samples: Vec<f64>,
+}
+
+#[derive(Serialize)]
+struct RegionLag {
+    region: String,
+    lag_minus_wan_ms: Summary,
+}
+
+#[derive(Serialize)]
+struct Apply {
+    rows: i64,
+    backlog_write_rows_per_s: Option<f64>,
+    min_rows_per_s: Option<f64>,
+    regions: Vec<RegionApply>,
+}
+
+#[derive(Serialize)]
+struct RegionApply {
+    region: String,
+    rows_per_s: Option<f64>,
+    drain_s: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct Ratios {
+    apply_throughput_foreshadow_vs_pglogical: Option<f64>,
+    lag_p99_foreshadow_vs_pglogical: Option<f64>,
+}
+
 pub async fn run(opts: &BenchOptions, report: &mut Report) -> Result<(), String> {
-    let mut engines = serde_json::Map::new();
+    let mut engines = BTreeMap::new();
     let mut cdf = Vec::new();
     for engine in [Engine::Foreshadow, Engine::Pglogical] {
         let result = with_lab(opts, engine, opts.regions, "lag", async |lab| {
@@ -31,20 +79,15 @@ pub async fn run(opts: &BenchOptions, report: &mut Report) -> Result<(), String>
         let ((lags, steady), drain) = result;
         cdf.push((engine.name().to_string(), cdf_points(&lags)));
         engines.insert(
-            engine.name().into(),
-            json!({"steady": steady, "apply": drain}),
+            engine.name(),
+            Figures {
+                steady,
+                apply: drain,
+            },
         );
     }
-    let p99 = |e: &str| {
-        engines[e]["steady"]["lag_minus_wan_ms"]["p99"]
-            .as_f64()
-            .unwrap_or(f64::NAN)
-    };
-    let apply = |e: &str| {
-        engines[e]["apply"]["min_rows_per_s"]
-            .as_f64()
-            .unwrap_or(0.0)
-    };
+    let p99 = |e: &str| engines[e].steady.lag_minus_wan_ms.p99.unwrap_or(f64::NAN);
+    let apply = |e: &str| engines[e].apply.min_rows_per_s.unwrap_or(0.0);
     let mut md = format!(
         "{} rows/s from {} writers in the first region for {} s; every other region polls what is visible every 2 ms. \
          Lag = visible − committed, minus the {} ms WAN delay.\n\n\
@@ -52,34 +95,34 @@ pub async fn run(opts: &BenchOptions, report: &mut Report) -> Result<(), String>
         opts.rate, WRITERS, opts.seconds, opts.wan_ms
     );
     for (name, e) in &engines {
-        let l = &e["steady"]["lag_minus_wan_ms"];
+        let l = &e.steady.lag_minus_wan_ms;
         md.push_str(&format!(
             "| {name} | {} | {} | {} | {} | {} | {} | {} |\n",
-            e["steady"]["achieved_rows_per_s"],
-            l["count"],
-            l["p50"],
-            l["p95"],
-            l["p99"],
-            l["max"],
-            e["apply"]["min_rows_per_s"]
+            show(e.steady.achieved_rows_per_s),
+            l.count,
+            show(l.p50),
+            show(l.p95),
+            show(l.p99),
+            show(l.max),
+            show(e.apply.min_rows_per_s)
         ));
     }
     md.push_str(&format!(
         "\nApply throughput: {} rows written in the first region while the others did not apply \
          (Foreshadow: sidecars stopped; pglogical: subscriptions disabled), then the time each other \
          region took to apply them from the first applied row to the last.\n",
-        engines["foreshadow"]["apply"]["rows"]
+        engines["foreshadow"].apply.rows
     ));
     let (fs_apply, pgl_apply) = (apply("foreshadow"), apply("pglogical"));
     report.set(
         "ratios",
-        json!({
-            "apply_throughput_foreshadow_vs_pglogical": ratio(fs_apply, pgl_apply),
-            "lag_p99_foreshadow_vs_pglogical": ratio(p99("foreshadow"), p99("pglogical")),
-        }),
+        Ratios {
+            apply_throughput_foreshadow_vs_pglogical: ratio(fs_apply, pgl_apply),
+            lag_p99_foreshadow_vs_pglogical: ratio(p99("foreshadow"), p99("pglogical")),
+        },
     );
     let fs_p99 = p99("foreshadow");
-    report.set("engines", Value::Object(engines.clone()));
+    report.set("engines", &engines);
     report.section("Commit-to-visible lag (ms)", md);
     report.targets(&[
         Target {
@@ -122,7 +165,7 @@ async fn steady(
     lab: &Lab,
     opts: &BenchOptions,
     engine: Engine,
-) -> Result<(Vec<f64>, Value), String> {
+) -> Result<(Vec<f64>, Steady), String> {
     let source = lab.spec.regions[0].name.clone();
     let others: Vec<String> = lab.spec.regions[1..]
         .iter()
@@ -208,20 +251,23 @@ async fn steady(
                 }
             }
         }
-        per_region.push(json!({"region": region, "lag_minus_wan_ms": summary(&region_lags)}));
+        per_region.push(RegionLag {
+            region: region.clone(),
+            lag_minus_wan_ms: summary(&region_lags),
+        });
         lags.extend(region_lags);
     }
-    let figures = json!({
-        "target_rows_per_s": opts.rate,
-        "achieved_rows_per_s": round2(achieved),
-        "rows_written": written,
-        "last_seq_per_writer": last,
-        "samples": lags.len(),
-        "missing_samples": missing,
-        "lag_minus_wan_ms": summary(&lags),
-        "regions": per_region,
-        "lag_minus_wan_ms_samples": lags.iter().map(|x| (x * 100.0).round() / 100.0).collect::<Vec<_>>(),
-    });
+    let figures = Steady {
+        target_rows_per_s: opts.rate,
+        achieved_rows_per_s: round2(achieved),
+        rows_written: written,
+        last_seq_per_writer: last,
+        samples: lags.len(),
+        missing_samples: missing,
+        lag_minus_wan_ms: summary(&lags),
+        regions: per_region,
+        lag_minus_wan_ms_samples: lags.iter().filter_map(|x| round2(*x)).collect(),
+    };
     if missing > 0 {
         return Err(format!(
             "{missing} rows written in {source} never became visible elsewhere within 60 s ({})",
@@ -270,7 +316,7 @@ async fn observe(
 }
 
 /// The apply-throughput phase (see the module comment).
-async fn drain(lab: &Lab, opts: &BenchOptions, engine: Engine) -> Result<Value, String> {
+async fn drain(lab: &Lab, opts: &BenchOptions, engine: Engine) -> Result<Apply, String> {
     let source = lab.spec.regions[0].name.clone();
     let others: Vec<String> = lab.spec.regions[1..]
         .iter()
@@ -334,16 +380,22 @@ async fn drain(lab: &Lab, opts: &BenchOptions, engine: Engine) -> Result<Value, 
         let span = span.as_secs_f64().max(1e-3);
         let rate = applied as f64 / span;
         min_rate = min_rate.min(rate);
-        per_region
-            .push(json!({"region": region, "rows_per_s": round2(rate), "drain_s": round2(span)}));
+        per_region.push(RegionApply {
+            region,
+            rows_per_s: round2(rate),
+            drain_s: round2(span),
+        });
     }
     println!(
         "   [lag/{}] apply throughput (slowest region): {min_rate:.0} rows/s",
         engine.name()
     );
-    Ok(
-        json!({"rows": rows, "backlog_write_rows_per_s": round2(write_rate), "min_rows_per_s": round2(min_rate), "regions": per_region}),
-    )
+    Ok(Apply {
+        rows,
+        backlog_write_rows_per_s: round2(write_rate),
+        min_rows_per_s: round2(min_rate),
+        regions: per_region,
+    })
 }
 
 /// Waits until `region` has all `rows` backlog rows: when the first ones

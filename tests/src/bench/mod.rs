@@ -106,7 +106,7 @@ pub async fn run(scenario: Scenario, opts: &BenchOptions) -> Result<PathBuf, Str
         Scenario::Conflicts => conflicts::run(opts, &mut report).await?,
         Scenario::Catchup => catchup::run(opts, &mut report).await?,
     }
-    report.set("duration_s", json!(t0.elapsed().as_secs_f64()));
+    report.set("duration_s", t0.elapsed().as_secs_f64());
     let path = report.write(&opts.out)?;
     println!(
         "== bench {} done in {:.0} s: {}",
@@ -154,12 +154,9 @@ async fn with_lab<T>(
     result
 }
 
-pub fn ratio(a: f64, b: f64) -> Value {
-    if b > 0.0 {
-        json!((a / b * 1000.0).round() / 1000.0)
-    } else {
-        Value::Null
-    }
+/// a ÷ b to three decimals; None when b is not positive.
+pub fn ratio(a: f64, b: f64) -> Option<f64> {
+    (b > 0.0).then(|| (a / b * 1000.0).round() / 1000.0)
 }
 
 pub fn default_out() -> PathBuf {

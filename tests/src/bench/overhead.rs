@@ -1,18 +1,53 @@
 //! `overhead`: pgbench in every region at once, Foreshadow vs pglogical vs
 //! no replication; and capture alone (one region, global tables, nobody
-//! consuming) vs the same tables plain, in the same cluster, alternating.
+//! consuming) vs the same tables plain, in the same cluster, alternating,
+//! once with `lww` tables and once with the balances as `counter` columns.
 
 use super::pgbench::{self, summed_per_second, Run};
 use super::report::{Plot, Report, Target};
+use super::sampling::show;
 use super::{ratio, with_lab, BenchOptions};
-use crate::lab::DATABASE;
+use crate::lab::{connect, Lab, DATABASE};
 use crate::spec::Engine;
-use serde_json::{json, Value};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// One engine's pgbench runs, every region at once.
+#[derive(Serialize)]
+struct EngineRuns {
+    total_tps: f64,
+    regions: Vec<Run>,
+}
+
+/// Capture alone: the same pgbench tables plain, global (`lww`) and
+/// global with counter balances, runs alternating.
+#[derive(Serialize)]
+struct CaptureAlone {
+    plain_tps: Vec<f64>,
+    global_tps: Vec<f64>,
+    counters_tps: Vec<f64>,
+    plain_mean: f64,
+    global_mean: f64,
+    counters_mean: f64,
+    /// global ÷ plain
+    ratio: Option<f64>,
+    /// global with counters ÷ plain
+    counters_ratio: Option<f64>,
+    seconds_per_run: u64,
+}
+
+#[derive(Serialize)]
+struct Ratios {
+    foreshadow_vs_pglogical: Option<f64>,
+    foreshadow_vs_plain: Option<f64>,
+    pglogical_vs_plain: Option<f64>,
+    capture_alone_vs_plain_tables: Option<f64>,
+    capture_alone_with_counters_vs_plain_tables: Option<f64>,
+}
 
 pub async fn run(opts: &BenchOptions, report: &mut Report) -> Result<(), String> {
-    let mut engines = serde_json::Map::new();
+    let mut engines = BTreeMap::new();
     let mut series = Vec::new();
-    let mut totals = std::collections::BTreeMap::new();
     for engine in [Engine::Plain, Engine::Foreshadow, Engine::Pglogical] {
         let runs = with_lab(opts, engine, opts.regions, "overhead", async |lab| {
             pgbench::load(lab, opts.scale, false).await?;
@@ -23,30 +58,29 @@ pub async fn run(opts: &BenchOptions, report: &mut Report) -> Result<(), String>
         })
         .await?;
         let total: f64 = runs.iter().map(|r| r.tps).sum();
-        totals.insert(engine.name(), total);
         series.push((engine.name().to_string(), summed_per_second(&runs)));
-        engines.insert(engine.name().into(), runs_json(&runs, total));
+        engines.insert(
+            engine.name(),
+            EngineRuns {
+                total_tps: (total * 10.0).round() / 10.0,
+                regions: runs,
+            },
+        );
     }
     let capture = capture_alone(opts).await?;
-    let tps_list = |key: &str| -> Vec<f64> {
-        capture[key]
-            .as_array()
-            .map(|a| a.iter().filter_map(Value::as_f64).collect())
-            .unwrap_or_default()
-    };
-    let (plain_runs, global_runs) = (tps_list("plain_tps"), tps_list("global_tps"));
-    let (fs, pgl, plain) = (totals["foreshadow"], totals["pglogical"], totals["plain"]);
-    let capture_ratio = capture["ratio"].as_f64().unwrap_or(0.0);
-    report.set("engines", Value::Object(engines));
-    report.set("capture_alone", capture.clone());
+    let total = |e: &str| engines[e].total_tps;
+    let (fs, pgl, plain) = (total("foreshadow"), total("pglogical"), total("plain"));
+    report.set("engines", &engines);
+    report.set("capture_alone", &capture);
     report.set(
         "ratios",
-        json!({
-            "foreshadow_vs_pglogical": ratio(fs, pgl),
-            "foreshadow_vs_plain": ratio(fs, plain),
-            "pglogical_vs_plain": ratio(pgl, plain),
-            "capture_alone_vs_plain_tables": capture["ratio"],
-        }),
+        Ratios {
+            foreshadow_vs_pglogical: ratio(fs, pgl),
+            foreshadow_vs_plain: ratio(fs, plain),
+            pglogical_vs_plain: ratio(pgl, plain),
+            capture_alone_vs_plain_tables: capture.ratio,
+            capture_alone_with_counters_vs_plain_tables: capture.counters_ratio,
+        },
     );
     report.section(
         "Every region running pgbench at once",
@@ -61,33 +95,37 @@ pub async fn run(opts: &BenchOptions, report: &mut Report) -> Result<(), String>
             opts.seconds,
             opts.regions,
             opts.wan_ms,
-            ratio(plain, pgl),
-            ratio(fs, plain),
-            ratio(fs, pgl),
-            ratio(pgl, plain),
+            show(ratio(plain, pgl)),
+            show(ratio(fs, plain)),
+            show(ratio(fs, pgl)),
+            show(ratio(pgl, plain)),
         ),
     );
     report.section(
         "Capture alone",
         format!(
             "One region, {} pgbench clients, nothing consuming the intents; the same pgbench tables \
-             plain (database `plain`) and global (database `app`) in one cluster, runs alternating.\n\n\
-             | tables | TPS per run | mean |\n|---|---|---|\n| plain | {} | {:.0} |\n| global | {} | {:.0} |\n\n\
-             Ratio global / plain: **{}**\n",
+             plain (database `plain`), global with `lww` (database `app`) and global with the three \
+             balance columns as `counter` columns (database `counters`) in one cluster, runs alternating.\n\n\
+             | tables | TPS per run | mean | ÷ plain |\n|---|---|---|---|\n| plain | {} | {:.0} | 1.000 |\n\
+             | global, lww | {} | {:.0} | **{}** |\n| global, counters | {} | {:.0} | {} |\n",
             opts.clients,
-            runs_text(&plain_runs),
-            capture["plain_mean"].as_f64().unwrap_or(0.0),
-            runs_text(&global_runs),
-            capture["global_mean"].as_f64().unwrap_or(0.0),
-            capture["ratio"],
+            runs_text(&capture.plain_tps),
+            capture.plain_mean,
+            runs_text(&capture.global_tps),
+            capture.global_mean,
+            show(capture.ratio),
+            runs_text(&capture.counters_tps),
+            capture.counters_mean,
+            show(capture.counters_ratio),
         ),
     );
     report.targets(&[
         Target {
             name: "capture alone vs plain tables",
             wanted: "≥ 0.85",
-            value: capture["ratio"].clone(),
-            met: Some(capture_ratio >= 0.85),
+            value: capture.ratio,
+            met: capture.ratio.map(|r| r >= 0.85),
         },
         Target {
             name: "TPS, every region writing: Foreshadow vs pglogical",
@@ -114,17 +152,7 @@ fn runs_text(tps: &[f64]) -> String {
         .join(", ")
 }
 
-fn runs_json(runs: &[Run], total: f64) -> Value {
-    json!({
-        "total_tps": (total * 10.0).round() / 10.0,
-        "regions": runs.iter().map(|r| json!({
-            "region": r.region, "tps": r.tps, "transactions": r.transactions,
-            "failed": r.failed, "per_second_tps": r.per_second,
-        })).collect::<Vec<_>>(),
-    })
-}
-
-async fn capture_alone(opts: &BenchOptions) -> Result<Value, String> {
+async fn capture_alone(opts: &BenchOptions) -> Result<CaptureAlone, String> {
     with_lab(opts, Engine::Foreshadow, 1, "capture", async |lab| {
         let region = lab.spec.regions[0].name.clone();
         lab.client(&region)
@@ -134,11 +162,16 @@ async fn capture_alone(opts: &BenchOptions) -> Result<Value, String> {
             .map_err(|e| e.to_string())?;
         pgbench::load(lab, opts.scale, false).await?;
         pgbench::load_database(lab, &region, "plain", opts.scale).await?;
-        let (mut plain, mut global) = (Vec::new(), Vec::new());
+        load_with_counters(lab, &region, opts.scale).await?;
+        let (mut plain, mut global, mut counters) = (Vec::new(), Vec::new(), Vec::new());
         let rounds = if opts.quick { 1 } else { 3 };
         let secs = (opts.seconds / 2).max(2);
         for round in 1..=rounds {
-            for (db, out) in [("plain", &mut plain), (DATABASE, &mut global)] {
+            for (db, out) in [
+                ("plain", &mut plain),
+                (DATABASE, &mut global),
+                ("counters", &mut counters),
+            ] {
                 let label = format!("capture/{db} {round}/{rounds}");
                 let runs = pgbench::run_everywhere(
                     lab,
@@ -153,12 +186,44 @@ async fn capture_alone(opts: &BenchOptions) -> Result<Value, String> {
             }
         }
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-        Ok(json!({
-            "plain_tps": plain, "global_tps": global,
-            "plain_mean": mean(&plain), "global_mean": mean(&global),
-            "ratio": ratio(mean(&global), mean(&plain)),
-            "seconds_per_run": secs,
-        }))
+        Ok(CaptureAlone {
+            ratio: ratio(mean(&global), mean(&plain)),
+            counters_ratio: ratio(mean(&counters), mean(&plain)),
+            plain_mean: mean(&plain),
+            global_mean: mean(&global),
+            counters_mean: mean(&counters),
+            plain_tps: plain,
+            global_tps: global,
+            counters_tps: counters,
+            seconds_per_run: secs,
+        })
     })
     .await
+}
+
+/// Database `counters` of `region`: the pgbench tables global, with the
+/// balance columns as `counter` columns.
+async fn load_with_counters(lab: &Lab, region: &str, scale: u32) -> Result<(), String> {
+    lab.client(region)
+        .await?
+        .batch_execute("CREATE DATABASE counters")
+        .await
+        .map_err(|e| e.to_string())?;
+    pgbench::load_database(lab, region, "counters", scale).await?;
+    let c = connect(&lab.dsn(region, "counters")?).await?;
+    c.batch_execute("CREATE EXTENSION foreshadow")
+        .await
+        .map_err(|e| e.to_string())?;
+    for t in pgbench::TABLES {
+        let counters: Vec<&str> = pgbench::BALANCES
+            .iter()
+            .filter(|(table, _, _)| *table == t)
+            .map(|(_, col, _)| *col)
+            .collect();
+        Engine::Foreshadow
+            .replicator()
+            .replicate_table(&c, &format!("public.{t}"), &counters, false)
+            .await?;
+    }
+    Ok(())
 }

@@ -75,13 +75,14 @@ pub async fn load_database(lab: &Lab, region: &str, db: &str, scale: u32) -> Res
 }
 
 /// What one pgbench run did.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Run {
     pub region: String,
     pub tps: f64,
     pub transactions: u64,
     pub failed: u64,
     /// (second, tps) from `--progress 1`.
+    #[serde(rename = "per_second_tps")]
     pub per_second: Vec<(f64, f64)>,
 }
 

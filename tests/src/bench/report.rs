@@ -28,7 +28,7 @@ pub struct Plot {
 pub struct Target<'a> {
     pub name: &'a str,
     pub wanted: &'a str,
-    pub value: Value,
+    pub value: Option<f64>,
     pub met: Option<bool>,
 }
 
@@ -92,7 +92,9 @@ impl Report {
         }
     }
 
-    pub fn set(&mut self, key: &str, value: Value) {
+    /// Records figures under `key` in the JSON, as their types serialise.
+    pub fn set(&mut self, key: &str, value: impl serde::Serialize) {
+        let value = serde_json::to_value(value).expect("figures serialise");
         self.doc.insert(key.to_string(), value);
     }
 
@@ -117,7 +119,9 @@ impl Report {
             };
             md.push_str(&format!(
                 "| {} | {} | {} | {met} |\n",
-                t.name, t.wanted, t.value
+                t.name,
+                t.wanted,
+                super::sampling::show(t.value)
             ));
             js.push(json!({"target": t.name, "wanted": t.wanted, "value": t.value, "met": t.met}));
         }

@@ -1,6 +1,6 @@
 //! Small statistics and progress helpers shared by the scenarios.
 
-use serde_json::{json, Value};
+use serde::Serialize;
 use std::time::{Duration, Instant};
 
 /// The `q`-quantile (0..=1) of `sorted` by the nearest-rank method.
@@ -12,8 +12,18 @@ pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[rank - 1]
 }
 
-/// p50/p95/p99/max/mean of `values` (milliseconds), as JSON.
-pub fn summary(values: &[f64]) -> Value {
+/// p50/p95/p99/max/mean of some milliseconds (None: no samples).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Summary {
+    pub count: usize,
+    pub p50: Option<f64>,
+    pub p95: Option<f64>,
+    pub p99: Option<f64>,
+    pub max: Option<f64>,
+    pub mean: Option<f64>,
+}
+
+pub fn summary(values: &[f64]) -> Summary {
     let mut v = values.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     let mean = if v.is_empty() {
@@ -21,22 +31,24 @@ pub fn summary(values: &[f64]) -> Value {
     } else {
         v.iter().sum::<f64>() / v.len() as f64
     };
-    json!({
-        "count": v.len(),
-        "p50": round2(quantile(&v, 0.50)),
-        "p95": round2(quantile(&v, 0.95)),
-        "p99": round2(quantile(&v, 0.99)),
-        "max": round2(v.last().copied().unwrap_or(f64::NAN)),
-        "mean": round2(mean),
-    })
+    Summary {
+        count: v.len(),
+        p50: round2(quantile(&v, 0.50)),
+        p95: round2(quantile(&v, 0.95)),
+        p99: round2(quantile(&v, 0.99)),
+        max: round2(v.last().copied().unwrap_or(f64::NAN)),
+        mean: round2(mean),
+    }
 }
 
-pub fn round2(x: f64) -> Value {
-    if x.is_finite() {
-        json!((x * 100.0).round() / 100.0)
-    } else {
-        Value::Null
-    }
+/// Two decimals; None for NaN or infinity (null in the JSON, "n/a" shown).
+pub fn round2(x: f64) -> Option<f64> {
+    x.is_finite().then(|| (x * 100.0).round() / 100.0)
+}
+
+/// A figure for a report's table.
+pub fn show(x: Option<f64>) -> String {
+    x.map_or_else(|| "n/a".into(), |v| v.to_string())
 }
 
 /// Prints `[label] elapsed/total s  detail` about once a second.

@@ -1,0 +1,113 @@
+//! The conflict history (`foreshadow.conflicts`): every conflict this
+//! region resolved, with its kind in PostgreSQL's vocabulary, the two
+//! leaves (this region's version of the row and the peer's write), where it
+//! was resolved and how. Kept for `foreshadow.conflict_retention`, apart
+//! from failures (`foreshadow.dead_letters`).
+//!
+//! A conflict is a peer's write that is concurrent with this region's
+//! version of its row (neither had seen the other: their version vectors
+//! say so), or one that finds its row missing. A region's own successive
+//! writes, and a write that had seen the version here, are never one.
+
+use crate::catalog::Table;
+use crate::row_versions::Version;
+use crate::spi::run_kept;
+use foreshadow_model::{Intent, Op};
+use pgrx::pg_sys;
+use pgrx::spi::SpiClient;
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
+const RECORD_SQL: &str = "INSERT INTO foreshadow.conflict_log \
+     (relid, key, kind, strategy, local_origin, local_hlc, local_deleted, remote_origin, remote_hlc, \
+      remote_op, resolved_by, outcome) \
+     VALUES ($1::oid, $2, $3, $4, $5, $6::bigint, $7::boolean, $8, $9::bigint, $10, 'local', $11)";
+const PRUNE_SQL: &str = "DELETE FROM foreshadow.conflict_log \
+     WHERE detected_at < pg_catalog.now() - pg_catalog.make_interval(mins => $1::int)";
+/// Entries past the retention are removed at most this often per session
+/// (the view hides them at once).
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+thread_local! {
+    static LAST_PRUNE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// One conflict met applying a peer's write.
+#[derive(Clone, Debug)]
+pub struct Conflict {
+    pub kind: &'static str,
+    /// This region's version of the row, if it had one.
+    pub local: Option<Version>,
+    /// What was done: the peer's write `applied`, or this region's version
+    /// `kept` (with the write's counter increments `kept, increments added`).
+    pub outcome: &'static str,
+}
+
+/// The kind of conflict, if any, of applying `op` where the row's version
+/// is `here` (None: never written here) and the row `existed` in the table.
+/// `concurrent`: the write's version vector and `here`'s are concurrent.
+pub fn kind(
+    op: Op,
+    here: Option<&Version>,
+    existed: bool,
+    concurrent: bool,
+) -> Option<&'static str> {
+    match (op, here) {
+        // Never written here: an update or delete whose row is missing
+        // (its insert has not arrived). A row loaded in every region before
+        // it was made global has no version but exists: not a conflict.
+        (Op::Update, None) if !existed => Some("update_missing"),
+        (Op::Delete, None) if !existed => Some("delete_missing"),
+        (_, None) => None,
+        (_, Some(_)) if !concurrent => None,
+        (Op::Delete, Some(v)) if v.deleted => Some("delete_missing"),
+        (Op::Delete, Some(_)) => Some("delete_origin_differs"),
+        // A write concurrent with a delete here (told apart from one whose
+        // row never arrived, update_missing).
+        (_, Some(v)) if v.deleted => Some("update_deleted"),
+        (Op::Insert, Some(_)) => Some("insert_exists"),
+        (Op::Update, Some(_)) => Some("update_origin_differs"),
+    }
+}
+
+/// Records `c`, met applying `i` to `t` (key `key_text`), in the history.
+pub fn record(client: &mut SpiClient<'_>, t: &Table, i: &Intent, key_text: &str, c: &Conflict) {
+    let local = c.local.as_ref();
+    let op = match i.op {
+        Op::Insert => "insert",
+        Op::Update => "update",
+        Op::Delete => "delete",
+    };
+    run_kept(
+        client,
+        RECORD_SQL,
+        &[pg_sys::TEXTOID; 11],
+        &[
+            u32::from(t.relid).to_string().into(),
+            key_text.into(),
+            c.kind.into(),
+            i.strategy.as_str().into(),
+            local.map(|v| v.origin.clone()).into(),
+            local.map(|v| v.hlc.0.to_string()).into(),
+            local.map(|v| v.deleted.to_string()).into(),
+            i.origin.as_str().into(),
+            i.hlc.0.to_string().into(),
+            op.into(),
+            c.outcome.into(),
+        ],
+    );
+    prune_now_and_then(client);
+}
+
+fn prune_now_and_then(client: &mut SpiClient<'_>) {
+    let due = LAST_PRUNE.with(|l| l.get().is_none_or(|t| t.elapsed() >= PRUNE_EVERY));
+    if due {
+        LAST_PRUNE.with(|l| l.set(Some(Instant::now())));
+        run_kept(
+            client,
+            PRUNE_SQL,
+            &[pg_sys::TEXTOID],
+            &[crate::gucs::CONFLICT_RETENTION_MIN.get().to_string().into()],
+        );
+    }
+}
