@@ -91,6 +91,8 @@ pub struct Writer {
     pub next: i64,
     /// Its acknowledged inserts not yet deleted.
     pub mine: Vec<i64>,
+    /// Its acknowledged deletes not yet inserted again.
+    pub gone: Vec<i64>,
 }
 
 impl Writer {
@@ -178,6 +180,7 @@ pub async fn write(
         region: lab.spec.regions[index].name.clone(),
         next: 0,
         mine: Vec::new(),
+        gone: Vec::new(),
     };
     let mut rng = Rng::new(seed);
     let mut history = History::default();
@@ -205,12 +208,6 @@ pub async fn write(
             Ok(()) => Outcome::Acknowledged,
             Err(e) => outcome_of(e),
         };
-        if outcome == Outcome::Acknowledged {
-            w.mine.extend(ops.iter().filter_map(|o| match o {
-                Op::Items(items::Op::Insert(id)) => Some(*id),
-                _ => None,
-            }));
-        }
         if result.is_err() {
             // Reconnect: after a failure the session may be gone.
             client = None;
