@@ -72,7 +72,8 @@ impl Drop for Switch {
 /// write a global table without capture), but an applied row is a peer's
 /// write: capture would skip it anyway, and a counter is never NULL here.
 /// They are switched off in this executor state's own copy of the
-/// relation's triggers, so an applied row queues no trigger event for them.
+/// relation's triggers, so an applied row queues no trigger event for them;
+/// every other trigger keeps the state its owner gave it.
 unsafe fn skip_own_triggers(relinfo: *mut pg_sys::ResultRelInfo) {
     let desc = (*relinfo).ri_TrigDesc;
     if desc.is_null() {
@@ -80,11 +81,26 @@ unsafe fn skip_own_triggers(relinfo: *mut pg_sys::ResultRelInfo) {
     }
     for i in 0..(*desc).numtriggers as usize {
         let t = (*desc).triggers.add(i);
-        let name = CStr::from_ptr((*t).tgname);
-        if name == c"foreshadow_capture" || name == c"foreshadow_counter_nulls" {
+        if is_own_trigger_function((*t).tgfoid) {
             (*t).tgenabled = pg_sys::TRIGGER_DISABLED as std::ffi::c_char;
         }
     }
+}
+
+/// Whether `func` is `foreshadow.capture` or `foreshadow.counter_nulls`:
+/// known by the function, not the trigger's name, so that a table owner's
+/// own trigger is never switched off whatever it is called (only the
+/// extension's owner can create functions in schema foreshadow).
+unsafe fn is_own_trigger_function(func: pg_sys::Oid) -> bool {
+    let schema = pg_sys::get_namespace_name(pg_sys::get_func_namespace(func));
+    let name = pg_sys::get_func_name(func);
+    !schema.is_null()
+        && !name.is_null()
+        && CStr::from_ptr(schema) == c"foreshadow"
+        && matches!(
+            CStr::from_ptr(name).to_bytes(),
+            b"capture" | b"counter_nulls"
+        )
 }
 
 unsafe fn node<T>(tag: pg_sys::NodeTag) -> *mut T {

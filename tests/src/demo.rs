@@ -142,6 +142,33 @@ async fn drive(lab: &Lab, opts: &DemoOptions) -> Result<(), String> {
             w.get::<_, String>(4)
         );
     }
+    println!(
+        "== conflicts each region resolved on arrival (foreshadow.conflicts), by kind and outcome"
+    );
+    for r in &lab.spec.regions {
+        let kinds: Vec<String> = lab
+            .client(&r.name)
+            .await?
+            .query(
+                "SELECT kind || ': ' || count(*) || ' (' || string_agg(DISTINCT outcome, ', ') || ')' \
+                   FROM foreshadow.conflicts GROUP BY kind ORDER BY kind",
+                &[],
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        println!(
+            "   {:<10} {}",
+            r.name,
+            if kinds.is_empty() {
+                "none".to_string()
+            } else {
+                kinds.join("; ")
+            }
+        );
+    }
     let total: u64 = stats
         .iter()
         .map(|s| s.inserts.load(Ordering::Relaxed) + s.hot_updates.load(Ordering::Relaxed))

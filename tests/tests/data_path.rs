@@ -432,6 +432,19 @@ async fn ordinary_triggers_do_not_fire_on_applied_rows() {
     .await
     .unwrap();
     make_global(&lab, &["stamped"]).await;
+    // The owner's own replica trigger, named like one of Foreshadow's: it
+    // fires on applied rows like any other (apply knows Foreshadow's
+    // triggers by their function, not their name).
+    lab.everywhere(
+        "CREATE TABLE named_audit (id int); \
+         CREATE FUNCTION audit_named() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO public.named_audit VALUES (NEW.id); RETURN NULL; END $$;
+         CREATE TRIGGER foreshadow_counter_nulls AFTER INSERT OR UPDATE ON stamped
+             FOR EACH ROW EXECUTE FUNCTION audit_named();
+         ALTER TABLE stamped ENABLE REPLICA TRIGGER foreshadow_counter_nulls;",
+    )
+    .await
+    .unwrap();
     let a = lab.client(&r[0]).await.unwrap();
     for id in 1..=5 {
         a.execute("INSERT INTO stamped (id, v) VALUES ($1, 'new')", &[&id])
@@ -471,6 +484,14 @@ async fn ordinary_triggers_do_not_fire_on_applied_rows() {
             text_in(&lab, region, audit).await.unwrap().as_deref(),
             Some("7 writes of 5 rows"),
             "the replica trigger did not fire once per applied write in {region}"
+        );
+        assert_eq!(
+            text_in(&lab, region, "SELECT count(*)::text FROM named_audit")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("7"),
+            "the owner's trigger named foreshadow_counter_nulls was switched off on applied rows in {region}"
         );
     }
 }
