@@ -501,6 +501,7 @@ BEGIN
     SELECT array_agg(objid) INTO dropped FROM pg_event_trigger_dropped_objects()
      WHERE classid = 'pg_class'::regclass AND objsubid = 0;
     DELETE FROM foreshadow.row_versions v WHERE v.relid = ANY (dropped);
+    DELETE FROM foreshadow.conflict_log l WHERE l.relid = ANY (dropped);
     DELETE FROM foreshadow.tables t WHERE t.relid = ANY (dropped);
 END
 $$;
@@ -537,6 +538,13 @@ BEGIN
                   DETAIL = 'A crash empties an unlogged table, and the regions would no longer agree.',
                   HINT = 'Call foreshadow.drop_global() on the table first.';
     END IF;
+    -- A partition's triggers follow its parent's (a trigger created or
+    -- replaced on the parent replaces the partition's own).
+    IF (SELECT c.relispartition FROM pg_class c WHERE c.oid = tbl) THEN
+        RAISE EXCEPTION 'global table % cannot be a partition', tbl
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Call foreshadow.drop_global() on the table first.';
+    END IF;
 END
 $$;
 
@@ -544,9 +552,11 @@ $$;
 -- it touched still have their capture triggers (refuses ALTER TABLE ...
 -- DISABLE TRIGGER, ENABLE REPLICA TRIGGER, SET UNLOGGED, ALTER TRIGGER ...
 -- RENAME, CREATE OR REPLACE TRIGGER with another function, DROP TRIGGER).
--- Only the tables the command names are checked, so DDL costs the same
--- with a thousand global tables as with one; DROP TRIGGER does not say
--- which table it touched, so it checks them all. Tables whose triggers
+-- Only the tables the command names, and the partitions below them (a
+-- trigger made on a partitioned table reaches them; ATTACH PARTITION names
+-- the parent), are checked, so DDL costs the same with a thousand global
+-- tables as with one; DROP TRIGGER does not say which table it touched, so
+-- it checks them all. Tables whose triggers
 -- make_global or refresh_table are (re)making are not yet guarded.
 CREATE FUNCTION foreshadow.guard_capture() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER
@@ -557,11 +567,16 @@ DECLARE
     v_touched oid[];
 BEGIN
     IF NOT v_all THEN
-        SELECT array_agg(CASE WHEN c.classid = 'pg_catalog.pg_trigger'::regclass
-                              THEN (SELECT g.tgrelid FROM pg_trigger g WHERE g.oid = c.objid)
-                              ELSE c.objid END)
-          INTO v_touched
-          FROM pg_event_trigger_ddl_commands() c;
+        WITH named AS (
+            SELECT CASE WHEN c.classid = 'pg_catalog.pg_trigger'::regclass
+                        THEN (SELECT g.tgrelid FROM pg_trigger g WHERE g.oid = c.objid)
+                        ELSE c.objid END AS relid
+              FROM pg_event_trigger_ddl_commands() c
+             WHERE c.classid IN ('pg_catalog.pg_class'::regclass, 'pg_catalog.pg_trigger'::regclass))
+        SELECT array_agg(DISTINCT x) INTO v_touched
+          FROM (SELECT n.relid AS x FROM named n
+                UNION ALL
+                SELECT t.relid FROM named n, pg_partition_tree(n.relid::regclass) t) AS touched;
     END IF;
     PERFORM foreshadow.check_capture(t.relid::regclass)
        FROM foreshadow.tables t

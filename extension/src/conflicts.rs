@@ -22,8 +22,12 @@ const RECORD_SQL: &str = "INSERT INTO foreshadow.conflict_log \
      (relid, key, kind, strategy, local_origin, local_hlc, local_deleted, remote_origin, remote_hlc, \
       remote_op, resolved_by, outcome) \
      VALUES ($1::oid, $2, $3, $4, $5, $6::bigint, $7::boolean, $8, $9::bigint, $10, 'local', $11)";
-const PRUNE_SQL: &str = "DELETE FROM foreshadow.conflict_log \
-     WHERE detected_at < pg_catalog.now() - pg_catalog.make_interval(mins => $1::int)";
+/// Skips rows another apply session is pruning (both would otherwise queue
+/// on the same old rows inside their apply transactions).
+const PRUNE_SQL: &str = "DELETE FROM foreshadow.conflict_log WHERE id OPERATOR(pg_catalog.=) ANY (ARRAY( \
+     SELECT id FROM foreshadow.conflict_log \
+      WHERE detected_at OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-) pg_catalog.make_interval(mins => $1::int)) \
+      ORDER BY id LIMIT 10000 FOR UPDATE SKIP LOCKED))";
 /// Entries past the retention are removed at most this often per session
 /// (the view hides them at once).
 const PRUNE_EVERY: Duration = Duration::from_secs(60);

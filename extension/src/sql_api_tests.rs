@@ -87,6 +87,16 @@ mod tests {
                 "{sql}: {e}"
             );
         }
+        // Through a partitioned parent: attached, its triggers would follow
+        // the parent's.
+        Spi::run("CREATE TABLE parted (id int PRIMARY KEY, owner text, balance bigint) PARTITION BY RANGE (id)")
+            .unwrap();
+        let e =
+            error_of("ALTER TABLE parted ATTACH PARTITION accounts FOR VALUES FROM (0) TO (1000)");
+        assert!(
+            e.contains("global table public.accounts cannot be a partition"),
+            "attach: {e}"
+        );
         Spi::run("SET session_replication_role = replica").unwrap();
         Spi::run("INSERT INTO accounts VALUES (1, 'r', 1)").unwrap();
         Spi::run("RESET session_replication_role").unwrap();

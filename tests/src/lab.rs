@@ -4,7 +4,9 @@
 
 use crate::cluster::Cluster;
 use crate::proc::{self, free_port, sibling_binary, spawn_detached};
-use crate::proxy::{link_key, load_controls, save_controls, LinkControl};
+use crate::proxy::{
+    applied_path, link_key, load_controls, save_controls, LinkControl, LinkControls,
+};
 use crate::spec::{Engine, LabSpec, Link, Region};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -413,7 +415,8 @@ impl Lab {
     }
 
     /// Changes the control of the link from `from`'s clients to `to`'s
-    /// primary; the proxy follows within 50 ms.
+    /// primary; returns once the proxy runs with the change (it looks every
+    /// 50 ms), so that what the caller does next meets the changed link.
     pub fn control_link(
         &self,
         from: &str,
@@ -432,7 +435,23 @@ impl Lab {
         if control != LinkControl::default() {
             all.insert(key, control);
         }
-        save_controls(&self.dir, &all)
+        save_controls(&self.dir, &all)?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let applied = std::fs::read_to_string(applied_path(&self.dir))
+                .ok()
+                .and_then(|t| serde_json::from_str::<LinkControls>(&t).ok());
+            if applied.as_ref() == Some(&all) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the WAN proxy did not take the link change within 5 s: see {}",
+                    self.dir.join("proxy.log").display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Changes both links between `region` and every other region.

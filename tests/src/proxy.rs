@@ -70,6 +70,12 @@ pub fn controls_path(dir: &Path) -> PathBuf {
     dir.join("links.json")
 }
 
+/// What the proxy runs with now, written once it has taken a change, so
+/// that whoever changed `links.json` knows when the change holds.
+pub fn applied_path(dir: &Path) -> PathBuf {
+    dir.join("links.applied.json")
+}
+
 pub fn load_controls(dir: &Path) -> Result<LinkControls, String> {
     match std::fs::read_to_string(controls_path(dir)) {
         Ok(text) => serde_json::from_str(&text)
@@ -108,11 +114,17 @@ async fn watch_controls(dir: PathBuf, tx: watch::Sender<LinkControls>) {
     loop {
         match load_controls(&dir) {
             Ok(now) => {
-                tx.send_if_modified(|cur| {
+                let changed = tx.send_if_modified(|cur| {
                     let changed = *cur != now;
                     *cur = now.clone();
                     changed
                 });
+                if changed || !applied_path(&dir).exists() {
+                    let text = serde_json::to_string(&now).expect("controls serialise");
+                    if let Err(e) = std::fs::write(applied_path(&dir), text) {
+                        eprintln!("proxy: cannot write {}: {e}", applied_path(&dir).display());
+                    }
+                }
             }
             Err(e) => eprintln!("proxy: ignoring unreadable link controls: {e}"),
         }
@@ -176,7 +188,8 @@ async fn accept_loop(
 /// read, never before the chunk ahead of it. While the direction is held,
 /// nothing gets through and nobody is told, and what was sent arrives once
 /// it heals, as TCP retransmits it (nothing is dropped from the middle of
-/// a stream).
+/// a stream). A reset drops this future: what was still queued is not
+/// delivered.
 async fn pump(
     mut from: impl AsyncReadExt + Unpin,
     mut to: impl AsyncWriteExt + Unpin + Send + 'static,
@@ -186,7 +199,8 @@ async fn pump(
     seed: u64,
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
-    let writer = tokio::spawn(async move {
+    // Dropped when the link is reset: nothing more is delivered.
+    let mut writer = AbortOnDrop(tokio::spawn(async move {
         while let Some((due, chunk)) = rx.recv().await {
             tokio::time::sleep_until(due).await;
             if to.write_all(&chunk).await.is_err() {
@@ -194,7 +208,7 @@ async fn pump(
             }
         }
         let _ = to.shutdown().await;
-    });
+    }));
     let mut rng = Rng::new(seed);
     let mut last_due = Instant::now();
     let mut buf = vec![0u8; 64 * 1024];
@@ -219,5 +233,14 @@ async fn pump(
         }
     }
     drop(tx);
-    let _ = writer.await;
+    let _ = (&mut writer.0).await;
+}
+
+/// A task aborted when its handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

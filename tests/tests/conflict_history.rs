@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{assert_converged, lab, names};
+use common::{assert_converged, barrier, lab, names};
 use foreshadow_lab::Fault;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -43,6 +43,11 @@ async fn concurrent_writes_are_recorded_as_conflicts_in_every_region() {
     .unwrap();
     lab.fault(&r[1], Fault::Heal).unwrap();
     assert_converged(&lab).await;
+    // Equal rows are not enough: a region whose own writes won already
+    // shows the final rows before the losing writes reach it. A write made
+    // after them, seen in the other region, says they were applied there.
+    barrier(&lab, &r[0], &r[1..], 100).await;
+    barrier(&lab, &r[1], &r[..1], 101).await;
     let mut seen = Vec::new();
     for region in &r {
         let rows = lab
@@ -52,7 +57,7 @@ async fn concurrent_writes_are_recorded_as_conflicts_in_every_region() {
             .query(
                 "SELECT key->>'id', kind, strategy, resolved_by, outcome, \
                         (SELECT string_agg(l->>'origin', ',' ORDER BY l->>'side') FROM jsonb_array_elements(leaves) l) \
-                   FROM foreshadow.conflicts ORDER BY key->>'id'",
+                   FROM foreshadow.conflicts ORDER BY (key->>'id')::int",
                 &[],
             )
             .await

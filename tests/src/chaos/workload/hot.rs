@@ -51,7 +51,8 @@ impl Workload for Hot {
             let r = async {
                 let tx = c.transaction().await?;
                 read = tx
-                    .query_one("SELECT v FROM chaos_hot WHERE id = $1", &[&key])
+                    // Locked: the value read is the one the write replaces.
+                    .query_one("SELECT v FROM chaos_hot WHERE id = $1 FOR UPDATE", &[&key])
                     .await?
                     .get(0);
                 tx.execute(
