@@ -15,6 +15,7 @@ CREATE TABLE foreshadow.strategies (
 );
 INSERT INTO foreshadow.strategies VALUES
     ('lww', 'last writer wins: the higher hybrid-logical-clock stamp, then the region name'),
+    ('merge', 'the table''s merge function (base, local, remote) folded over the concurrent versions in stamp order'),
     ('counter', 'per column: concurrent increments add up (set with set_column_strategy)');
 
 -- This region's link key: capture seals every intent with it (an HMAC, see
@@ -42,6 +43,9 @@ CREATE TABLE foreshadow.tables (
     pk_cols     text[] NOT NULL,
     -- Numeric columns whose writes travel as increments (strategy counter).
     counter_cols text[] NOT NULL DEFAULT '{}',
+    -- Strategy merge: the function (base, local, remote) -> row that
+    -- resolves concurrent versions (checked by make_global).
+    merge_function regprocedure CHECK ((strategy = 'merge') = (merge_function IS NOT NULL)),
     -- Its capture triggers are in place and guarded (guard_capture); false
     -- while make_global or refresh_table (re)makes them.
     guarded     boolean NOT NULL DEFAULT false,
@@ -64,6 +68,13 @@ CREATE TABLE foreshadow.row_versions (
     origin  text NOT NULL,
     vv      text NOT NULL,
     deleted boolean NOT NULL DEFAULT false,
+    -- Strategy merge: the concurrent versions (leaves) the row resolves,
+    -- as a JSON array (model's strategy::leaf::Leaf), while it has more
+    -- than one; NULL when its version is a single write (no conflict), so
+    -- that writes without conflicts carry nothing more. A later
+    -- concurrent write is folded with all of them again (the resolution is
+    -- a function of the leaf set, docs/shadow-protocol.md).
+    leaves  text,
     PRIMARY KEY (relid, key)
 )
 -- Every write updates its row's version in place: free space on each page
@@ -109,7 +120,26 @@ CREATE TABLE foreshadow.conflict_log (
     -- ('shadow', 'fallback') are to come.
     resolved_by   text NOT NULL CHECK (resolved_by IN ('shadow', 'fallback', 'local')),
     outcome       text NOT NULL,
+    -- Strategy merge: how many times the merge function ran for it.
+    merge_calls   integer NOT NULL DEFAULT 0,
     resolved_at   timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+-- Conflicts that could not be resolved as configured (a merge function
+-- that raised, returned NULL or another row, or ran past
+-- foreshadow.merge_timeout): resolved by the fallback (last writer wins
+-- over the same leaves) and kept here, with the leaves and the error,
+-- until an operator deletes them. Replication goes on meanwhile.
+CREATE TABLE foreshadow.conflict_failures (
+    id         bigserial PRIMARY KEY,
+    failed_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    table_name regclass NOT NULL,
+    key        jsonb NOT NULL,
+    strategy   text NOT NULL,
+    -- Every leaf: its origin, stamp, version vector and row (as text values).
+    leaves     jsonb NOT NULL,
+    error      text NOT NULL,
+    resolution text NOT NULL DEFAULT 'fallback: last writer wins'
 );
 CREATE INDEX conflict_log_detected_at ON foreshadow.conflict_log (detected_at);
 
@@ -139,6 +169,7 @@ SELECT t.relid::regclass AS table_name,
        t.strategy,
        t.pk_cols        AS primary_key,
        t.counter_cols   AS counter_columns,
+       t.merge_function,
        t.created_at,
        (SELECT count(*) FROM foreshadow.row_versions v
          WHERE v.relid = t.relid AND v.deleted) AS tombstones
@@ -175,7 +206,7 @@ SELECT c.id, c.detected_at, c.relid::regclass AS table_name, c.key::jsonb AS key
                               'stamp', foreshadow.hlc_text(c.local_hlc), 'deleted', c.local_deleted),
            jsonb_build_object('side', 'remote', 'origin', c.remote_origin,
                               'stamp', foreshadow.hlc_text(c.remote_hlc), 'op', c.remote_op)) AS leaves,
-       c.resolved_by, c.outcome,
+       c.resolved_by, c.outcome, c.merge_calls,
        extract(epoch FROM c.resolved_at - c.detected_at) * 1000 AS resolution_ms
   FROM foreshadow.conflict_log c
  WHERE c.detected_at >= now() - current_setting('foreshadow.conflict_retention')::interval
@@ -186,8 +217,55 @@ SELECT v.relid::regclass AS table_name, v.key::jsonb AS key, foreshadow.hlc_text
        v.origin, v.vv::jsonb AS vv, v.deleted
   FROM foreshadow.row_versions v;
 
+-- Strategy merge needs a merge function of the table's row type,
+-- (base tbl, local tbl, remote tbl) RETURNS tbl, and IMMUTABLE: every region
+-- (and later the key's shadow) must compute the same row from the same
+-- concurrent versions. Other strategies take none.
+CREATE FUNCTION foreshadow.check_merge_function(tbl regclass, strategy text, merge_function regprocedure)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p        pg_proc;
+    v_row    regtype := (SELECT c.reltype FROM pg_class c WHERE c.oid = tbl);
+    expected text := format('%s(base %s, local %s, remote %s) RETURNS %s',
+                            coalesce(merge_function::regproc::text, 'my_merge'), v_row, v_row, v_row, v_row);
+BEGIN
+    IF strategy IS DISTINCT FROM 'merge' THEN
+        IF merge_function IS NOT NULL THEN
+            RAISE EXCEPTION 'a merge function is for strategy merge, not %', strategy
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = format('Use strategy => ''merge'' with merge_function => ''%s''.', merge_function);
+        END IF;
+        RETURN;
+    END IF;
+    IF merge_function IS NULL THEN
+        RAISE EXCEPTION 'strategy merge needs a merge function for table %', tbl
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = format('Pass merge_function => a function %s.', expected);
+    END IF;
+    SELECT * INTO p FROM pg_proc WHERE oid = merge_function;
+    IF p.prokind <> 'f' OR p.proretset OR p.pronargs <> 3 OR p.prorettype <> v_row
+       OR p.proargtypes[0] <> v_row OR p.proargtypes[1] <> v_row OR p.proargtypes[2] <> v_row THEN
+        RAISE EXCEPTION 'merge function % does not fit table %', merge_function, tbl
+            USING ERRCODE = 'invalid_function_definition',
+                  DETAIL = format('It is %s(%s) RETURNS %s%s.', merge_function::regproc, pg_get_function_arguments(merge_function),
+                                  CASE WHEN p.proretset THEN 'SETOF ' ELSE '' END, p.prorettype::regtype),
+                  HINT = format('A merge function is %s.', expected);
+    END IF;
+    IF p.provolatile <> 'i' THEN
+        RAISE EXCEPTION 'merge function % is not IMMUTABLE', merge_function
+            USING ERRCODE = 'invalid_function_definition',
+                  DETAIL = 'Every region resolves a conflict with it and must compute the same row from the same versions.',
+                  HINT = format('Declare it IMMUTABLE (ALTER FUNCTION %s IMMUTABLE) if it depends on its arguments only.', merge_function);
+    END IF;
+END
+$$;
+
 CREATE FUNCTION foreshadow.make_global(tbl regclass, strategy text DEFAULT 'lww',
-                                       announce_existing boolean DEFAULT true) RETURNS void
+                                       announce_existing boolean DEFAULT true,
+                                       merge_function regprocedure DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -220,6 +298,7 @@ BEGIN
                   HINT = 'Set wal_level = logical in postgresql.conf and restart PostgreSQL.';
     END IF;
     PERFORM foreshadow.region_name();  -- raises if foreshadow.region is unset
+    PERFORM foreshadow.check_merge_function(tbl, strategy, merge_function);
 
     SELECT n.nspname, c.relname, c.relkind, c.relpersistence, c.relispartition
       INTO v_schema, v_table, v_kind, v_persist, v_partition
@@ -271,8 +350,8 @@ BEGIN
                   HINT = format('Add one, e.g. ALTER TABLE %s ADD PRIMARY KEY (...), then call make_global again.', tbl);
     END IF;
 
-    INSERT INTO foreshadow.tables (relid, schema_name, table_name, strategy, pk_cols)
-    VALUES (tbl, v_schema, v_table, strategy, v_pk);
+    INSERT INTO foreshadow.tables (relid, schema_name, table_name, strategy, pk_cols, merge_function)
+    VALUES (tbl, v_schema, v_table, strategy, v_pk, make_global.merge_function);
     EXECUTE format('CREATE TRIGGER foreshadow_no_truncate BEFORE TRUNCATE ON %I.%I '
                    'FOR EACH STATEMENT EXECUTE FUNCTION foreshadow.refuse_truncate()', v_schema, v_table);
     EXECUTE format('ALTER TABLE %I.%I ENABLE ALWAYS TRIGGER foreshadow_no_truncate', v_schema, v_table);
@@ -381,6 +460,11 @@ BEGIN
                   HINT = format('Use ''counter'', or ''%s'' (the table''s strategy) to undo it.', t.strategy);
     END IF;
     IF strategy = 'counter' THEN
+        IF t.strategy <> 'lww' THEN
+            RAISE EXCEPTION 'table % has strategy %: its columns cannot be counters', tbl, t.strategy
+                USING ERRCODE = 'feature_not_supported',
+                      HINT = 'Counter columns are for tables whose strategy is lww.';
+        END IF;
         IF column_name::text = ANY (t.pk_cols) THEN
             RAISE EXCEPTION 'column "%" is part of the primary key of %: it cannot be a counter', column_name, tbl
                 USING ERRCODE = 'invalid_parameter_value';
@@ -591,7 +675,8 @@ ALTER EVENT TRIGGER foreshadow_guard_capture ENABLE ALWAYS;
 -- Only the extension owner (and roles it grants) may change global tables,
 -- feed intents or touch anything internal; anyone may look. (Trigger
 -- functions are checked when a trigger is created, not when it fires.)
-REVOKE EXECUTE ON FUNCTION foreshadow.make_global(regclass, text, boolean), foreshadow.drop_global(regclass),
+REVOKE EXECUTE ON FUNCTION foreshadow.make_global(regclass, text, boolean, regprocedure), foreshadow.drop_global(regclass),
+    foreshadow.check_merge_function(regclass, text, regprocedure),
     foreshadow.refresh_table(regclass), foreshadow.set_column_strategy(regclass, name, text),
     foreshadow.announce_rows(oid), foreshadow.reannounce(oid),
     foreshadow.apply_transaction(text, text, text, text, timestamptz, integer),
@@ -602,4 +687,5 @@ REVOKE EXECUTE ON FUNCTION foreshadow.make_global(regclass, text, boolean), fore
 GRANT USAGE ON SCHEMA foreshadow TO PUBLIC;
 GRANT SELECT ON foreshadow.global_tables, foreshadow.strategies TO PUBLIC;
 -- Lane errors can quote row values: monitoring roles only.
-GRANT SELECT ON foreshadow.peer_stats, foreshadow.alerts, foreshadow.conflicts TO pg_monitor;
+GRANT SELECT ON foreshadow.peer_stats, foreshadow.alerts, foreshadow.conflicts,
+    foreshadow.conflict_failures TO pg_monitor;

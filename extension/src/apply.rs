@@ -28,7 +28,8 @@ use crate::heap::{Heap, Heaps, Values};
 use crate::row_versions::{Found, Store, Version};
 use crate::spi::run_kept;
 use foreshadow_model::lww::{incoming_wins, Stamp};
-use foreshadow_model::{Causality, Intent, Op};
+use foreshadow_model::strategy::{self, leaf::Leaf};
+use foreshadow_model::{Causality, Intent, Op, Strategy};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -269,7 +270,20 @@ pub fn apply_intent(
         }
     };
     let cur = store.find(t.relid, &key_text);
-    let o = decide(t, i, cur, row, &heap, &store, (&key, &key_text));
+    let x = Target {
+        t,
+        i,
+        row,
+        heap: &heap,
+        store: &store,
+        key: &key,
+        key_text: &key_text,
+    };
+    let o = if t.strategy == Some(Strategy::Merge) {
+        decide_merge(client, x, cur)
+    } else {
+        decide(x, cur)
+    };
     if let Some(c) = &o.conflict {
         crate::conflicts::record(client, t, i, &key_text, c);
     }
@@ -283,17 +297,30 @@ pub fn apply_intent(
     o
 }
 
+/// An intent being applied, and where its row stands.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    t: &'a Table,
+    i: &'a Intent,
+    row: RowState,
+    heap: &'a Heap,
+    store: &'a Store,
+    key: &'a Values,
+    key_text: &'a str,
+}
+
 /// Compares the intent with the row's version `cur` (locked) and writes
 /// what wins.
-fn decide(
-    t: &Table,
-    i: &Intent,
-    cur: Option<Found>,
-    row: RowState,
-    heap: &Heap,
-    store: &Store,
-    (key, key_text): (&Values, &str),
-) -> Outcome {
+fn decide(x: Target<'_>, cur: Option<Found>) -> Outcome {
+    let Target {
+        t,
+        i,
+        row,
+        heap,
+        store,
+        key,
+        key_text,
+    } = x;
     let here = cur.as_ref().map(|f| &f.version);
     let mut vv = here.map(|c| c.vv.clone()).unwrap_or_default();
     let concurrent = here.is_some() && vv.compare(&i.vv) == Causality::Concurrent;
@@ -303,6 +330,7 @@ fn decide(
             kind,
             local: here.cloned(),
             outcome,
+            merge_calls: 0,
         })
     };
     vv.merge(&i.vv);
@@ -324,6 +352,7 @@ fn decide(
             let seen = Version {
                 vv,
                 origin: h.origin.clone(),
+                leaves: h.leaves.clone(),
                 ..*h
             };
             store.write(Some(found), t.relid, key_text, &seen);
@@ -368,11 +397,103 @@ fn decide(
         origin: i.origin.clone(),
         vv,
         deleted: i.op == Op::Delete,
+        leaves: None,
     };
     store.write(cur.as_ref(), t.relid, key_text, &new);
     Outcome {
         changed: true,
         conflict: conflict("applied"),
+    }
+}
+
+/// The leaves of the row whose version is `here`: the ones it keeps, or
+/// the one write it is (with the row's image here, none if deleted).
+fn leaves_of(heap: &Heap, here: Option<&Version>, row: RowState) -> Vec<Leaf> {
+    let Some(v) = here else {
+        return Vec::new();
+    };
+    if let Some(text) = &v.leaves {
+        return serde_json::from_str(text).unwrap_or_else(|e| {
+            raise(
+                PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+                format!("foreshadow.row_versions holds leaves that do not parse: {e}"),
+                "This is a bug in Foreshadow; the peer's lane stops until it is mended.",
+            )
+        });
+    }
+    let image = match row {
+        RowState::Locked(local) if !v.deleted => Some(heap.row_of(local)),
+        _ => None,
+    };
+    vec![Leaf {
+        vv: v.vv.clone(),
+        hlc: v.hlc,
+        origin: v.origin.clone(),
+        row: image,
+    }]
+}
+
+/// Strategy merge (docs/shadow-protocol.md, R2, resolved here at once):
+/// a write already known is skipped; one that has seen every leaf of the
+/// row replaces it; a concurrent one joins the leaves, and the row becomes
+/// the merge function folded over all of them, its version their join.
+fn decide_merge(client: &mut SpiClient<'_>, x: Target<'_>, cur: Option<Found>) -> Outcome {
+    let (t, i, heap) = (x.t, x.i, x.heap);
+    let here = cur.as_ref().map(|f| &f.version);
+    let mut leaves = leaves_of(heap, here, x.row);
+    if here.is_some()
+        && matches!(
+            i.vv.compare(&strategy::join(&leaves)),
+            Causality::DominatedBy | Causality::Equal
+        )
+    {
+        return Outcome::default();
+    }
+    leaves.push(Leaf::from(i));
+    let leaves = strategy::frontier(leaves);
+    if leaves.len() == 1 {
+        return decide(x, cur);
+    }
+    let r = crate::merge::resolve(client, heap, t, &i.key, &leaves);
+    match (&r.row, x.row) {
+        (Some(image), RowState::Locked(local)) => heap.update(local, &heap.values(image)),
+        (Some(image), RowState::Inserted) => {
+            if let Some(local) = heap.find(x.key) {
+                heap.update(local, &heap.values(image));
+            }
+        }
+        (Some(image), RowState::Absent) => {
+            let mut v = heap.values(image);
+            heap.fill_defaults(&mut v);
+            heap.insert(&v);
+        }
+        (None, RowState::Locked(local)) => heap.delete(local),
+        (None, _) => {}
+    }
+    let last = leaves.last().expect("two leaves or more");
+    let version = Version {
+        hlc: last.hlc,
+        origin: last.origin.clone(),
+        vv: strategy::join(&leaves),
+        deleted: r.row.is_none(),
+        leaves: Some(serde_json::to_string(&leaves).expect("leaves serialise")),
+    };
+    x.store.write(cur.as_ref(), t.relid, x.key_text, &version);
+    let existed = matches!(x.row, RowState::Locked(_));
+    let concurrent = here.is_some_and(|h| h.vv.compare(&i.vv) == Causality::Concurrent);
+    let conflict = crate::conflicts::kind(i.op, here, existed, concurrent).map(|kind| Conflict {
+        kind,
+        local: here.cloned(),
+        outcome: if r.failure.is_some() {
+            "merge failed: last writer wins"
+        } else {
+            "merged"
+        },
+        merge_calls: r.calls,
+    });
+    Outcome {
+        changed: true,
+        conflict,
     }
 }
 

@@ -230,6 +230,8 @@ fn record(
         origin: region.clone(),
         vv,
         deleted: op == Op::Delete,
+        // R1: the write has seen every leaf the row resolved.
+        leaves: None,
     };
     store.write(found.as_ref(), relid, &key_text, &version);
     emit(t, version, op, key, row, delta);

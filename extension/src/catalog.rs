@@ -5,6 +5,7 @@
 //! write, never applied through a stale copy.
 
 use crate::spi::first_row;
+use foreshadow_model::Strategy;
 use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
 use std::cell::{Cell, RefCell};
@@ -35,7 +36,10 @@ const RELID_SQL: &str = "SELECT relid FROM foreshadow.tables \
        AND table_name OPERATOR(pg_catalog.=) $2::pg_catalog.name";
 /// What applying needs to know about a relation (a global table, or
 /// Foreshadow's own `row_versions`).
-const TABLE_SQL: &str = "SELECT c.oid, c.relowner, \
+const TABLE_SQL: &str = "SELECT c.oid, c.relowner, c.reltype, t.strategy, \
+       (SELECT pg_catalog.format('%I.%I', pn.nspname, p.proname) FROM pg_catalog.pg_proc p \
+          JOIN pg_catalog.pg_namespace pn ON pn.oid OPERATOR(pg_catalog.=) p.pronamespace \
+         WHERE p.oid OPERATOR(pg_catalog.=) t.merge_function), \
        pg_catalog.format('%I.%I', n.nspname, c.relname), coalesce(t.counter_cols, '{}'), \
        pg_catalog.array_agg(a.attname::pg_catalog.text ORDER BY a.attnum), \
        pg_catalog.array_agg(a.attgenerated OPERATOR(pg_catalog.<>) '' ORDER BY a.attnum), \
@@ -50,7 +54,7 @@ const TABLE_SQL: &str = "SELECT c.oid, c.relowner, \
        AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped \
      LEFT JOIN foreshadow.tables t ON t.relid OPERATOR(pg_catalog.=) c.oid \
      WHERE c.oid OPERATOR(pg_catalog.=) $1 \
-     GROUP BY c.oid, c.relowner, n.nspname, c.relname, t.counter_cols";
+     GROUP BY c.oid, c.relowner, c.reltype, t.strategy, t.merge_function, n.nspname, c.relname, t.counter_cols";
 const VERSIONS_SQL: &str = "SELECT 'foreshadow.row_versions'::pg_catalog.regclass::pg_catalog.oid";
 
 pub struct Column {
@@ -78,6 +82,13 @@ pub struct Table {
     pub pk_index: pg_sys::Oid,
     pub counters: Vec<String>,
     pub columns: Vec<Column>,
+    /// The table's row type (the merge function's argument type).
+    pub rowtype: pg_sys::Oid,
+    /// `None` for Foreshadow's own tables.
+    pub strategy: Option<Strategy>,
+    /// Strategy merge: the merge function's name, quoted (`None`: it was
+    /// dropped, and conflicts fall back to last writer wins).
+    pub merge_function: Option<String>,
 }
 
 /// Called by PostgreSQL for every relcache invalidation (registered in
@@ -153,15 +164,15 @@ fn lookup(client: &mut SpiClient<'_>, relid: pg_sys::Oid) -> Option<Table> {
 fn table_of(row: &pgrx::spi::SpiHeapTupleData<'_>) -> Option<Table> {
     let list =
         |i: usize| -> Vec<String> { row.get::<Vec<String>>(i).ok().flatten().unwrap_or_default() };
-    let names = list(5);
-    let generated = row.get::<Vec<bool>>(6).ok().flatten().unwrap_or_default();
-    let attnums = row.get::<Vec<i32>>(7).ok().flatten().unwrap_or_default();
+    let names = list(8);
+    let generated = row.get::<Vec<bool>>(9).ok().flatten().unwrap_or_default();
+    let attnums = row.get::<Vec<i32>>(10).ok().flatten().unwrap_or_default();
     let typids = row
-        .get::<Vec<pg_sys::Oid>>(8)
+        .get::<Vec<pg_sys::Oid>>(11)
         .ok()
         .flatten()
         .unwrap_or_default();
-    let typmods = row.get::<Vec<i32>>(9).ok().flatten().unwrap_or_default();
+    let typmods = row.get::<Vec<i32>>(12).ok().flatten().unwrap_or_default();
     let columns = names
         .into_iter()
         .enumerate()
@@ -191,10 +202,17 @@ fn table_of(row: &pgrx::spi::SpiHeapTupleData<'_>) -> Option<Table> {
     Some(Table {
         relid: row.get::<pg_sys::Oid>(1).ok()??,
         owner: row.get::<pg_sys::Oid>(2).ok()??,
-        qualified: row.get::<String>(3).ok()??,
-        pk_index: row.get::<pg_sys::Oid>(10).ok()??,
-        counters: list(4),
+        qualified: row.get::<String>(6).ok()??,
+        pk_index: row.get::<pg_sys::Oid>(13).ok()??,
+        counters: list(7),
         columns,
+        rowtype: row.get::<pg_sys::Oid>(3).ok()??,
+        strategy: row
+            .get::<String>(4)
+            .ok()
+            .flatten()
+            .and_then(|s| s.parse().ok()),
+        merge_function: row.get::<String>(5).ok().flatten(),
     })
 }
 

@@ -72,6 +72,6 @@ pub fn admit(remote: Hlc) {
 
 /// Human-readable form of a stamp: `milliseconds.counter`.
 #[pg_extern(immutable, strict, parallel_safe)]
-fn hlc_text(stamp: i64) -> String {
+pub fn hlc_text(stamp: i64) -> String {
     Hlc(stamp.max(0) as u64).to_string()
 }

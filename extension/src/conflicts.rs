@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 const RECORD_SQL: &str = "INSERT INTO foreshadow.conflict_log \
      (relid, key, kind, strategy, local_origin, local_hlc, local_deleted, remote_origin, remote_hlc, \
-      remote_op, resolved_by, outcome) \
-     VALUES ($1::oid, $2, $3, $4, $5, $6::bigint, $7::boolean, $8, $9::bigint, $10, 'local', $11)";
+      remote_op, resolved_by, outcome, merge_calls) \
+     VALUES ($1::oid, $2, $3, $4, $5, $6::bigint, $7::boolean, $8, $9::bigint, $10, 'local', $11, $12::int)";
 /// Skips rows another apply session is pruning (both would otherwise queue
 /// on the same old rows inside their apply transactions).
 const PRUNE_SQL: &str = "DELETE FROM foreshadow.conflict_log WHERE id OPERATOR(pg_catalog.=) ANY (ARRAY( \
@@ -45,6 +45,8 @@ pub struct Conflict {
     /// What was done: the peer's write `applied`, or this region's version
     /// `kept` (with the write's counter increments `kept, increments added`).
     pub outcome: &'static str,
+    /// Strategy merge: the merge function's calls.
+    pub merge_calls: i32,
 }
 
 /// The kind of conflict, if any, of applying `op` where the row's version
@@ -85,7 +87,7 @@ pub fn record(client: &mut SpiClient<'_>, t: &Table, i: &Intent, key_text: &str,
     run_kept(
         client,
         RECORD_SQL,
-        &[pg_sys::TEXTOID; 11],
+        &[pg_sys::TEXTOID; 12],
         &[
             u32::from(t.relid).to_string().into(),
             key_text.into(),
@@ -98,6 +100,7 @@ pub fn record(client: &mut SpiClient<'_>, t: &Table, i: &Intent, key_text: &str,
             i.hlc.0.to_string().into(),
             op.into(),
             c.outcome.into(),
+            c.merge_calls.to_string().into(),
         ],
     );
     prune_now_and_then(client);

@@ -18,7 +18,21 @@ pub static MAX_CLOCK_OFFSET_MS: GucSetting<i32> = GucSetting::<i32>::new(500);
 /// How long `foreshadow.conflicts` keeps a conflict (minutes).
 pub static CONFLICT_RETENTION_MIN: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 60);
 
+/// How long one call of a table's merge function may run (ms): past it
+/// the call is cancelled and the conflict is recorded as failed.
+pub static MERGE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+
 pub fn init() {
+    GucRegistry::define_int_guc(
+        c"foreshadow.merge_timeout",
+        c"Longest time one call of a merge function may run.",
+        c"A call that runs longer is cancelled; the conflict is kept in foreshadow.conflict_failures and resolved by last writer wins.",
+        &MERGE_TIMEOUT_MS,
+        1,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
     GucRegistry::define_int_guc(
         c"foreshadow.conflict_retention",
         c"How long the conflict history keeps a conflict.",

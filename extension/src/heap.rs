@@ -346,6 +346,69 @@ impl Heap {
         })
     }
 
+    /// The row in `slot` as an intent carries it: every column but the
+    /// generated ones, as text (or null).
+    pub fn row_of(&self, slot: *mut pg_sys::TupleTableSlot) -> Map<String, Value> {
+        self.table
+            .columns
+            .iter()
+            .filter(|c| !c.generated)
+            .map(|c| {
+                let v = self.text_of(slot, c).map_or(Value::Null, Value::String);
+                (c.name.clone(), v)
+            })
+            .collect()
+    }
+
+    /// `v` as a value of the table's row type (a merge function's argument),
+    /// in the apply call's memory.
+    pub fn composite(&self, v: &Values) -> pg_sys::Datum {
+        unsafe {
+            let _cxt = Switch::to(self.cxt());
+            let desc = (*self.rel).rd_att;
+            let mut datums = v.datums.clone();
+            let mut nulls = v.nulls.clone();
+            let tuple = pg_sys::heap_form_tuple(desc, datums.as_mut_ptr(), nulls.as_mut_ptr());
+            pg_sys::heap_copy_tuple_as_datum(tuple, desc)
+        }
+    }
+
+    /// A value of the table's row type (a merge function's result) as an
+    /// intent carries a row.
+    pub fn row_of_composite(&self, d: pg_sys::Datum) -> Map<String, Value> {
+        as_owner(self.table.owner, || unsafe {
+            let _cxt = Switch::to(self.cxt());
+            let header = pg_sys::pg_detoast_datum(d.cast_mut_ptr()) as pg_sys::HeapTupleHeader;
+            let mut tuple: pg_sys::HeapTupleData = std::mem::zeroed();
+            tuple.t_len = pgrx::varsize(header as *const pg_sys::varlena) as u32;
+            tuple.t_data = header;
+            let (mut datums, mut nulls) = (
+                vec![pg_sys::Datum::from(0); self.natts],
+                vec![true; self.natts],
+            );
+            pg_sys::heap_deform_tuple(
+                &mut tuple,
+                (*self.rel).rd_att,
+                datums.as_mut_ptr(),
+                nulls.as_mut_ptr(),
+            );
+            self.table
+                .columns
+                .iter()
+                .filter(|c| !c.generated)
+                .map(|c| {
+                    let i = c.attnum as usize - 1;
+                    let v = if nulls[i] {
+                        Value::Null
+                    } else {
+                        Value::String(output(c, datums[i]))
+                    };
+                    (c.name.clone(), v)
+                })
+                .collect()
+        })
+    }
+
     /// The text of column `c` of the locked row `local` (for counters).
     pub fn text_of(&self, local: *mut pg_sys::TupleTableSlot, c: &Column) -> Option<String> {
         as_owner(self.table.owner, || unsafe {
@@ -355,10 +418,15 @@ impl Heap {
             if *(*local).tts_isnull.add(i) {
                 return None;
             }
-            let text = pg_sys::OidOutputFunctionCall(c.output, *(*local).tts_values.add(i));
-            Some(CStr::from_ptr(text).to_string_lossy().into_owned())
+            Some(output(c, *(*local).tts_values.add(i)))
         })
     }
+}
+
+/// A value as column `c`'s type prints it.
+unsafe fn output(c: &Column, d: pg_sys::Datum) -> String {
+    let text = pg_sys::OidOutputFunctionCall(c.output, d);
+    CStr::from_ptr(text).to_string_lossy().into_owned()
 }
 
 fn nul_in_value(c: &Column) -> CString {

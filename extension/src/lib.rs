@@ -14,6 +14,7 @@ mod dead_letters;
 mod errors;
 mod gucs;
 mod heap;
+mod merge;
 mod rights;
 mod row_versions;
 mod spi;

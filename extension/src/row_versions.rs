@@ -20,6 +20,9 @@ pub struct Version {
     pub origin: String,
     pub vv: VersionVector,
     pub deleted: bool,
+    /// Strategy merge: the leaves this version resolved (a JSON array of
+    /// the model's `Leaf`), while there is more than one.
+    pub leaves: Option<String>,
 }
 
 /// A stored version, locked by this transaction.
@@ -42,10 +45,10 @@ impl Store {
         self.heap.table()
     }
 
-    fn values(&self, fields: &[(&str, String)]) -> Values {
+    fn values(&self, fields: &[(&str, Option<String>)]) -> Values {
         let row: Map<String, Value> = fields
             .iter()
-            .map(|(c, v)| (c.to_string(), Value::String(v.clone())))
+            .map(|(c, v)| (c.to_string(), v.clone().map_or(Value::Null, Value::String)))
             .collect();
         self.heap.values(&row)
     }
@@ -53,20 +56,25 @@ impl Store {
     /// The version of row `key` (its primary key as JSON text) of table
     /// `relid`, locked; None if the row has none yet.
     pub fn find(&self, relid: pg_sys::Oid, key: &str) -> Option<Found> {
-        let search = self.values(&[("relid", u32::from(relid).to_string()), ("key", key.into())]);
+        let search = self.values(&[
+            ("relid", Some(u32::from(relid).to_string())),
+            ("key", Some(key.into())),
+        ]);
         let slot = self.heap.find(&search)?;
-        let text = |name: &str| {
+        let nullable = |name: &str| {
             let column = self
                 .table()
                 .column(name)
                 .expect("row_versions has the column");
-            self.heap.text_of(slot, column).unwrap_or_default()
+            self.heap.text_of(slot, column)
         };
+        let text = |name: &str| nullable(name).unwrap_or_default();
         let version = Version {
             hlc: Hlc(text("hlc").parse().unwrap_or(0)),
             origin: text("origin"),
             vv: serde_json::from_str(&text("vv")).unwrap_or_default(),
             deleted: text("deleted") == "t",
+            leaves: nullable("leaves"),
         };
         Some(Found { slot, version })
     }
@@ -76,17 +84,18 @@ impl Store {
     pub fn write(&self, found: Option<&Found>, relid: pg_sys::Oid, key: &str, v: &Version) {
         let vv = serde_json::to_string(&v.vv).expect("a version vector serialises");
         let fields = [
-            ("hlc", (v.hlc.0 as i64).to_string()),
-            ("origin", v.origin.clone()),
-            ("vv", vv),
-            ("deleted", v.deleted.to_string()),
+            ("hlc", Some((v.hlc.0 as i64).to_string())),
+            ("origin", Some(v.origin.clone())),
+            ("vv", Some(vv)),
+            ("deleted", Some(v.deleted.to_string())),
+            ("leaves", v.leaves.clone()),
         ];
         match found {
             Some(f) => self.heap.update(f.slot, &self.values(&fields)),
             None => {
                 let mut all = fields.to_vec();
-                all.push(("relid", u32::from(relid).to_string()));
-                all.push(("key", key.into()));
+                all.push(("relid", Some(u32::from(relid).to_string())));
+                all.push(("key", Some(key.into())));
                 self.heap.insert(&self.values(&all));
             }
         }

@@ -368,6 +368,147 @@ mod tests {
         );
     }
 
+    /// A cart whose concurrent versions are merged by a non-commutative
+    /// function: the accumulated items, then the next version's new ones.
+    fn setup_carts(body: &str) {
+        Spi::run("CREATE TABLE public.carts (id int PRIMARY KEY, items text[] NOT NULL)").unwrap();
+        Spi::run(&format!(
+            "CREATE FUNCTION public.cart_merge(base carts, local carts, remote carts) RETURNS carts \
+             LANGUAGE plpgsql IMMUTABLE AS $$ BEGIN {body} END $$"
+        ))
+        .unwrap();
+        Spi::run(
+            "SELECT foreshadow.make_global('public.carts', strategy => 'merge', \
+                    merge_function => 'public.cart_merge(carts, carts, carts)')",
+        )
+        .unwrap();
+    }
+
+    const UNION_APPEND: &str =
+        "RETURN ROW(local.id, local.items || ARRAY(SELECT x FROM unnest(remote.items) x \
+         WHERE x <> ALL (local.items)))::public.carts;";
+
+    fn cart_intent(hlc: u64, vv: &str, items: &str) -> String {
+        format!(
+            r#"{{"v":2,"origin":"peer","hlc":{hlc},"schema":"public","table":"carts","op":"update","key":{{"id":"1"}},"row":{{"id":"1","items":"{items}"}},"vv":{vv},"strategy":"merge","class":"data"}}"#
+        )
+    }
+
+    fn cart() -> Option<Vec<String>> {
+        Spi::get_one::<Vec<String>>("SELECT items FROM carts WHERE id = 1").unwrap()
+    }
+
+    /// A peer's write concurrent with this region's is merged over both
+    /// versions in stamp order (the peer's, stamped earlier, first); a
+    /// later peer write that saw its first one but not this region's is
+    /// folded with the leaves again, not with the merged row; a local write
+    /// after that has seen them all and ends the conflict.
+    #[pg_test]
+    fn merge_folds_the_leaves_in_stamp_order() {
+        setup_carts(UNION_APPEND);
+        Spi::run("INSERT INTO carts VALUES (1, '{a}')").unwrap();
+        apply(&format!("[{}]", cart_intent(1, r#"{"peer":1}"#, "{b}")));
+        let failures = Spi::get_one::<String>(
+            "SELECT string_agg(error, '; ') FROM foreshadow.conflict_failures",
+        );
+        assert_eq!(cart(), Some(vec!["b".into(), "a".into()]), "{failures:?}");
+        apply(&format!("[{}]", cart_intent(2, r#"{"peer":2}"#, "{b,c}")));
+        assert_eq!(cart(), Some(vec!["b".into(), "c".into(), "a".into()]));
+        assert_eq!(
+            Spi::get_one::<String>(
+                "SELECT string_agg(kind || ' ' || outcome || ' ' || merge_calls, ', ' ORDER BY id) FROM foreshadow.conflicts"
+            ),
+            Ok(Some("update_origin_differs merged 1, update_origin_differs merged 1".into()))
+        );
+        // A duplicate delivery changes nothing.
+        apply(&format!("[{}]", cart_intent(2, r#"{"peer":2}"#, "{b,c}")));
+        assert_eq!(cart(), Some(vec!["b".into(), "c".into(), "a".into()]));
+        assert_eq!(
+            Spi::get_one::<i64>(
+                "SELECT jsonb_array_length(leaves::jsonb) FROM foreshadow.row_versions"
+            ),
+            Ok(Some(2))
+        );
+        Spi::run("UPDATE carts SET items = items || '{d}' WHERE id = 1").unwrap();
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT leaves IS NULL FROM foreshadow.row_versions"),
+            Ok(Some(true))
+        );
+    }
+
+    /// A merge function that raises (or returns NULL) fails the resolution:
+    /// the last writer wins, the failure is kept with the leaves and the
+    /// error, and the apply goes on.
+    #[pg_test]
+    fn a_failing_merge_falls_back_to_last_writer_wins() {
+        setup_carts(
+            "IF remote.items @> '{boom}' THEN RAISE EXCEPTION 'no boom'; END IF; RETURN NULL;",
+        );
+        Spi::run("INSERT INTO carts VALUES (1, '{a}')").unwrap();
+        apply(&format!("[{}]", cart_intent(1, r#"{"peer":1}"#, "{boom}")));
+        // This region's write is stamped later: it wins.
+        assert_eq!(cart(), Some(vec!["a".into()]));
+        assert_eq!(
+            Spi::get_two::<String, i64>(
+                "SELECT error, jsonb_array_length(leaves) FROM foreshadow.conflict_failures"
+            ),
+            Ok((
+                Some("merge function public.cart_merge returned NULL".into()),
+                Some(2)
+            ))
+        );
+        Spi::run("TRUNCATE foreshadow.conflict_failures").unwrap();
+        Spi::run("INSERT INTO carts VALUES (2, '{boom}')").unwrap();
+        let boom = cart_intent(1, r#"{"peer":2}"#, "{x}").replace(r#""1""#, r#""2""#);
+        apply(&format!("[{boom}]"));
+        assert_eq!(
+            Spi::get_one::<String>("SELECT error FROM foreshadow.conflict_failures"),
+            Ok(Some(
+                "merge function public.cart_merge raised: no boom".into()
+            ))
+        );
+        assert_eq!(
+            Spi::get_one::<String>(
+                "SELECT outcome FROM foreshadow.conflicts ORDER BY id DESC LIMIT 1"
+            ),
+            Ok(Some("merge failed: last writer wins".into()))
+        );
+    }
+
+    /// make_global checks the merge function: present for merge only, of
+    /// the table's row type, IMMUTABLE.
+    #[pg_test]
+    fn make_global_checks_the_merge_function() {
+        Spi::run("CREATE TABLE public.m (id int PRIMARY KEY, v text)").unwrap();
+        Spi::run(
+            "CREATE FUNCTION public.two(a m, b m) RETURNS m LANGUAGE sql IMMUTABLE AS 'SELECT b'; \
+             CREATE FUNCTION public.vol(a m, b m, c m) RETURNS m LANGUAGE sql AS 'SELECT c'; \
+             CREATE FUNCTION public.txt(a m, b m, c m) RETURNS text LANGUAGE sql IMMUTABLE AS 'SELECT NULL::text'",
+        )
+        .unwrap();
+        let error_of = |sql: &'static str| error_of(move || Spi::run(sql).unwrap());
+        assert_eq!(
+            error_of("SELECT foreshadow.make_global('public.m', strategy => 'merge')"),
+            "strategy merge needs a merge function for table public.m"
+        );
+        assert_eq!(
+            error_of("SELECT foreshadow.make_global('public.m', strategy => 'merge', merge_function => 'public.two(public.m,public.m)')"),
+            "merge function public.two(public.m,public.m) does not fit table public.m"
+        );
+        assert_eq!(
+            error_of("SELECT foreshadow.make_global('public.m', strategy => 'merge', merge_function => 'public.txt(public.m,public.m,public.m)')"),
+            "merge function public.txt(public.m,public.m,public.m) does not fit table public.m"
+        );
+        assert_eq!(
+            error_of("SELECT foreshadow.make_global('public.m', strategy => 'merge', merge_function => 'public.vol(public.m,public.m,public.m)')"),
+            "merge function public.vol(public.m,public.m,public.m) is not IMMUTABLE"
+        );
+        assert_eq!(
+            error_of("SELECT foreshadow.make_global('public.m', merge_function => 'public.vol(public.m,public.m,public.m)')"),
+            "a merge function is for strategy merge, not lww"
+        );
+    }
+
     fn setup_counters() {
         Spi::run("CREATE TABLE public.c (id int PRIMARY KEY, n bigint NOT NULL, note text)")
             .unwrap();

@@ -10,11 +10,11 @@
 //! primaries resolving on their own diverge under a non-commutative merge.
 
 pub mod counter;
+pub mod leaf;
 pub mod merge;
 
 use crate::lww::Stamp;
-use crate::{Causality, Intent, VersionVector};
-use serde_json::{Map, Value};
+use crate::{Causality, VersionVector};
 use std::fmt;
 use std::str::FromStr;
 
@@ -93,22 +93,6 @@ impl<T: Versioned + ?Sized> Versioned for &T {
     }
 }
 
-impl Versioned for Intent {
-    type Row = Map<String, Value>;
-    fn vv(&self) -> &VersionVector {
-        &self.vv
-    }
-    fn stamp(&self) -> Stamp<'_> {
-        Stamp {
-            hlc: self.hlc,
-            origin: &self.origin,
-        }
-    }
-    fn row(&self) -> Option<&Self::Row> {
-        self.row.as_ref()
-    }
-}
-
 /// The versions that no other version has seen, in canonical (ascending
 /// stamp) order: the leaves of a conflict, and the `vv` strategy's siblings.
 ///
@@ -156,7 +140,7 @@ pub fn join<'a, V: Versioned + 'a>(versions: impl IntoIterator<Item = &'a V>) ->
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::Hlc;
+    use crate::{Hlc, Intent};
 
     /// A test version: `(vector entries, hlc, origin, row)`.
     #[derive(Clone, Debug, PartialEq)]
@@ -230,10 +214,10 @@ pub(crate) mod tests {
 
     #[test]
     fn intents_are_versions() {
-        let i = Intent::decode(
+        let i = leaf::Leaf::from(&Intent::decode(
             br#"{"v":2,"origin":"eu","hlc":7,"schema":"s","table":"t","op":"delete","key":{"id":1},"row":null,"vv":{"eu":1},"strategy":"lww"}"#,
         )
-        .unwrap();
+        .unwrap());
         assert_eq!(
             i.stamp(),
             Stamp {
