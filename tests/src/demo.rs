@@ -3,11 +3,16 @@
 //! then proof that every region converged to the same rows.
 
 use crate::lab::{Lab, UpOptions};
-use crate::workload::{plain_md5, write_until, WriterStats, ACCOUNTS_DDL};
+use crate::workload::{
+    add_cart_items, plain_md5, write_until, WriterStats, ACCOUNTS_DDL, CARTS_DDL,
+};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Carts every region adds items to.
+const CARTS: i64 = 5;
 
 pub struct DemoOptions {
     pub dir: PathBuf,
@@ -58,6 +63,19 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
 async fn drive(lab: &Lab, opts: &DemoOptions) -> Result<(), String> {
     lab.everywhere(ACCOUNTS_DDL).await?;
     println!("== created global table public.accounts (strategy lww) in every region");
+    lab.everywhere(CARTS_DDL).await?;
+    let first = lab.client(&lab.spec.regions[0].name).await?;
+    for cart in 0..CARTS {
+        first
+            .execute("INSERT INTO carts VALUES ($1, '{}')", &[&cart])
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    lab.wait_identical(&["public.carts"], Duration::from_secs(60))
+        .await?;
+    println!(
+        "== created global table public.carts (strategy merge: public.cart_merge, which is not commutative) with {CARTS} carts"
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let stats: Vec<Arc<WriterStats>> = lab.spec.regions.iter().map(|_| Arc::default()).collect();
     let lab = Arc::new(Lab::open(&lab.dir)?);
@@ -68,8 +86,16 @@ async fn drive(lab: &Lab, opts: &DemoOptions) -> Result<(), String> {
             tokio::spawn(async move { write_until(&lab, i, hot, stop, stats).await })
         })
         .collect();
+    let carts: Vec<_> = (0..lab.spec.regions.len())
+        .map(|i| {
+            let (lab, stop) = (lab.clone(), stop.clone());
+            tokio::spawn(async move {
+                add_cart_items(&lab, i, CARTS, Duration::from_millis(50), stop).await
+            })
+        })
+        .collect();
     println!(
-        "== writing from every region at once; keys 1..={} are hot in all regions (conflicts)",
+        "== writing from every region at once; keys 1..={} are hot in all regions (conflicts), and every region adds items to the same carts",
         opts.hot_keys
     );
     for s in 1..=opts.seconds {
@@ -95,6 +121,10 @@ async fn drive(lab: &Lab, opts: &DemoOptions) -> Result<(), String> {
     stop.store(true, Ordering::Relaxed);
     for w in writers {
         w.await.map_err(|e| e.to_string())??;
+    }
+    let mut items = Vec::new();
+    for c in carts {
+        items.extend(c.await.map_err(|e| e.to_string())??);
     }
     let stopped = Instant::now();
     println!("== writes stopped; waiting for every region to converge");
@@ -169,6 +199,9 @@ async fn drive(lab: &Lab, opts: &DemoOptions) -> Result<(), String> {
             }
         );
     }
+    lab.wait_identical(&["public.carts"], Duration::from_secs(120))
+        .await?;
+    show_carts(&lab, &items).await?;
     let total: u64 = stats
         .iter()
         .map(|s| s.inserts.load(Ordering::Relaxed) + s.hot_updates.load(Ordering::Relaxed))
@@ -180,6 +213,55 @@ async fn drive(lab: &Lab, opts: &DemoOptions) -> Result<(), String> {
     println!(
         "== summary: {total} committed writes ({hot} to hot keys) in {} regions; converged {converge_ms} ms after writes stopped; all digests equal",
         lab.spec.regions.len()
+    );
+    Ok(())
+}
+
+/// The merge table: per region, the conflicts merged, the merge function's
+/// calls and the fallbacks; and every committed item in its cart exactly
+/// once, in every region.
+async fn show_carts(lab: &Lab, items: &[(i64, String)]) -> Result<(), String> {
+    println!("== carts (strategy merge): conflicts each region merged on arrival, merge-function calls, fallbacks");
+    for r in &lab.spec.regions {
+        let c = lab.client(&r.name).await?;
+        let row = c
+            .query_one(
+                "SELECT count(*) FILTER (WHERE outcome = 'merged'), coalesce(sum(merge_calls), 0), \
+                        (SELECT count(*) FROM foreshadow.conflict_failures) \
+                   FROM foreshadow.conflicts WHERE table_name = 'carts'::regclass",
+                &[],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let (merged, calls, failed): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        println!(
+            "   {:<10} {merged} conflicts merged, {calls} merge-function calls ({:.2} per conflict), {failed} fallbacks",
+            r.name,
+            calls as f64 / merged.max(1) as f64
+        );
+        let carts: std::collections::HashMap<i64, Vec<String>> = c
+            .query("SELECT id, items FROM carts", &[])
+            .await
+            .map_err(|e| e.to_string())?
+            .iter()
+            .map(|x| (x.get(0), x.get(1)))
+            .collect();
+        let wrong = items
+            .iter()
+            .filter(|(cart, item)| carts[cart].iter().filter(|x| *x == item).count() != 1)
+            .count();
+        let held: usize = carts.values().map(Vec::len).sum();
+        if wrong > 0 || held != items.len() {
+            return Err(format!(
+                "region {}: {wrong} committed items not present exactly once, {held} items held for {} committed",
+                r.name,
+                items.len()
+            ));
+        }
+    }
+    println!(
+        "   {} items committed into {CARTS} carts; every one present exactly once in every region, and the carts are identical",
+        items.len()
     );
     Ok(())
 }

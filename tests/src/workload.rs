@@ -32,6 +32,40 @@ pub fn cart_merge(acc: &[String], next: &[String]) -> Vec<String> {
     out
 }
 
+/// Adds items (`<region>-<n>`) to carts `0..carts` of region
+/// `region_index`, one per transaction, every `pause`, until `stop`;
+/// returns the committed ones as (cart, item).
+pub async fn add_cart_items(
+    lab: &Lab,
+    region_index: usize,
+    carts: i64,
+    pause: Duration,
+    stop: Arc<AtomicBool>,
+) -> Result<Vec<(i64, String)>, String> {
+    let region = lab.spec.regions[region_index].name.clone();
+    let c = lab.client(&region).await?;
+    let mut rng = Rng::new(region_index as u64 * 104_729 + 3);
+    let (mut committed, mut n) = (Vec::new(), 0u64);
+    while !stop.load(Ordering::Relaxed) {
+        let (cart, item) = (
+            (rng.next_u64() % carts as u64) as i64,
+            format!("{region}-{n}"),
+        );
+        let added = c
+            .execute(
+                "UPDATE carts SET items = items || $2::text WHERE id = $1",
+                &[&cart, &item],
+            )
+            .await;
+        if added.is_ok_and(|rows| rows == 1) {
+            committed.push((cart, item));
+        }
+        n += 1;
+        tokio::time::sleep(pause).await;
+    }
+    Ok(committed)
+}
+
 /// A small deterministic pseudo-random sequence (xorshift), enough to pick hot keys.
 pub struct Rng(u64);
 

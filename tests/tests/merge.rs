@@ -7,12 +7,15 @@
 mod common;
 
 use common::{lab, names, scalar_i64, TestLab, CONVERGE};
-use foreshadow_lab::workload::{cart_merge, CARTS_DDL};
+use foreshadow_lab::workload::{add_cart_items, cart_merge, CARTS_DDL};
 use foreshadow_lab::Fault;
+use foreshadow_lab::Lab;
 use foreshadow_model::strategy::{leaf::Leaf, merge};
 use foreshadow_model::Hlc;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 const KEYS: i64 = 4;
@@ -171,34 +174,22 @@ async fn concurrent_carts_merge_to_the_model_resolution_everywhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_committed_item_is_kept_once_under_concurrent_writers() {
     let (lab, r) = carts_lab("merge-load", &[]).await;
-    let mut writers = Vec::new();
-    for region in r.clone() {
-        let c = lab.client(&region).await.unwrap();
-        writers.push(tokio::spawn(async move {
-            let mut committed = Vec::new();
-            let until = std::time::Instant::now() + Duration::from_secs(8);
-            let mut n = 0i64;
-            while std::time::Instant::now() < until {
-                let (k, item) = (n % KEYS, format!("{region}-{n}"));
-                if c.execute(
-                    "UPDATE carts SET items = items || $2::text WHERE id = $1",
-                    &[&k, &item],
-                )
-                .await
-                .is_ok()
-                {
-                    committed.push((k, item));
-                }
-                n += 1;
-                // Carts grow with every item: a few hundred per region.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            committed
-        }));
-    }
+    // Carts grow with every item: a few hundred per region.
+    let stop = Arc::new(AtomicBool::new(false));
+    let shared = Arc::new(Lab::open(&lab.dir).unwrap());
+    let writers: Vec<_> = (0..r.len())
+        .map(|i| {
+            let (lab, stop) = (shared.clone(), stop.clone());
+            tokio::spawn(async move {
+                add_cart_items(&lab, i, KEYS, Duration::from_millis(20), stop).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    stop.store(true, Ordering::Relaxed);
     let mut committed = Vec::new();
     for w in writers {
-        committed.extend(w.await.unwrap());
+        committed.extend(w.await.unwrap().unwrap());
     }
     lab.wait_identical(&["public.carts"], CONVERGE)
         .await
