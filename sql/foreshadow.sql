@@ -46,6 +46,11 @@ CREATE TABLE foreshadow.tables (
     -- Strategy merge: the function (base, local, remote) -> row that
     -- resolves concurrent versions (checked by make_global).
     merge_function regprocedure CHECK ((strategy = 'merge') = (merge_function IS NOT NULL)),
+    -- Strategy merge: the regions whose sidecars resolve its conflicts
+    -- (shadows; each key's owner by ownership::owner), empty for none
+    -- (every primary resolves on arrival); epoch counts the changes.
+    shadows      text[] NOT NULL DEFAULT '{}',
+    shadow_epoch integer NOT NULL DEFAULT 1,
     -- Its capture triggers are in place and guarded (guard_capture); false
     -- while make_global or refresh_table (re)makes them.
     guarded     boolean NOT NULL DEFAULT false,
@@ -116,14 +121,20 @@ CREATE TABLE foreshadow.conflict_log (
     remote_origin text NOT NULL,
     remote_hlc    bigint NOT NULL,
     remote_op     text NOT NULL,
-    -- Where it was resolved: 'local' (this primary, on arrival); shadows
-    -- ('shadow', 'fallback') are to come.
-    resolved_by   text NOT NULL CHECK (resolved_by IN ('shadow', 'fallback', 'local')),
-    outcome       text NOT NULL,
-    -- Strategy merge: how many times the merge function ran for it.
+    -- Where it was resolved: 'local' (this primary, on arrival: lww,
+    -- counters, merge with shadows off), 'shadow' (by the key's owner: here
+    -- if this region hosts it, else adopted from its pre-stage), 'fallback'
+    -- (here, after foreshadow.shadow_deadline without the owner's); NULL
+    -- while it waits for the owner (an open conflict, with resolved_at).
+    resolved_by   text CHECK (resolved_by IN ('shadow', 'fallback', 'local')),
+    outcome       text,
+    -- Strategy merge: how many times the merge function ran for it here.
     merge_calls   integer NOT NULL DEFAULT 0,
-    resolved_at   timestamptz NOT NULL DEFAULT clock_timestamp()
+    resolved_at   timestamptz DEFAULT clock_timestamp(),
+    CHECK ((resolved_by IS NULL) = (resolved_at IS NULL))
 );
+-- Open conflicts, for the fallback's deadline (resolve_overdue).
+CREATE INDEX conflict_log_open ON foreshadow.conflict_log (detected_at) WHERE resolved_at IS NULL;
 
 -- Conflicts that could not be resolved as configured (a merge function
 -- that raised, returned NULL or another row, or ran past
@@ -170,6 +181,8 @@ SELECT t.relid::regclass AS table_name,
        t.pk_cols        AS primary_key,
        t.counter_cols   AS counter_columns,
        t.merge_function,
+       t.shadows,
+       t.shadow_epoch,
        t.created_at,
        (SELECT count(*) FROM foreshadow.row_versions v
          WHERE v.relid = t.relid AND v.deleted) AS tombstones
@@ -206,7 +219,7 @@ SELECT c.id, c.detected_at, c.relid::regclass AS table_name, c.key::jsonb AS key
                               'stamp', foreshadow.hlc_text(c.local_hlc), 'deleted', c.local_deleted),
            jsonb_build_object('side', 'remote', 'origin', c.remote_origin,
                               'stamp', foreshadow.hlc_text(c.remote_hlc), 'op', c.remote_op)) AS leaves,
-       c.resolved_by, c.outcome, c.merge_calls,
+       coalesce(c.resolved_by, 'pending') AS resolved_by, c.outcome, c.merge_calls,
        extract(epoch FROM c.resolved_at - c.detected_at) * 1000 AS resolution_ms
   FROM foreshadow.conflict_log c
  WHERE c.detected_at >= now() - current_setting('foreshadow.conflict_retention')::interval
@@ -265,7 +278,8 @@ $$;
 
 CREATE FUNCTION foreshadow.make_global(tbl regclass, strategy text DEFAULT 'lww',
                                        announce_existing boolean DEFAULT true,
-                                       merge_function regprocedure DEFAULT NULL) RETURNS void
+                                       merge_function regprocedure DEFAULT NULL,
+                                       shadows text[] DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -299,6 +313,9 @@ BEGIN
     END IF;
     PERFORM foreshadow.region_name();  -- raises if foreshadow.region is unset
     PERFORM foreshadow.check_merge_function(tbl, strategy, merge_function);
+    IF shadows IS NOT NULL AND strategy IS DISTINCT FROM 'merge' THEN
+        RAISE EXCEPTION 'shadows are for strategy merge, not %', strategy USING ERRCODE = 'invalid_parameter_value';
+    END IF;
 
     SELECT n.nspname, c.relname, c.relkind, c.relpersistence, c.relispartition
       INTO v_schema, v_table, v_kind, v_persist, v_partition
@@ -350,8 +367,11 @@ BEGIN
                   HINT = format('Add one, e.g. ALTER TABLE %s ADD PRIMARY KEY (...), then call make_global again.', tbl);
     END IF;
 
-    INSERT INTO foreshadow.tables (relid, schema_name, table_name, strategy, pk_cols, merge_function)
-    VALUES (tbl, v_schema, v_table, strategy, v_pk, make_global.merge_function);
+    INSERT INTO foreshadow.tables (relid, schema_name, table_name, strategy, pk_cols, merge_function, shadows)
+    VALUES (tbl, v_schema, v_table, strategy, v_pk, make_global.merge_function,
+            CASE WHEN strategy = 'merge'
+                 THEN coalesce(foreshadow.checked_shadows(make_global.shadows), foreshadow.default_shadows(v_schema, v_table))
+                 ELSE '{}' END);
     EXECUTE format('CREATE TRIGGER foreshadow_no_truncate BEFORE TRUNCATE ON %I.%I '
                    'FOR EACH STATEMENT EXECUTE FUNCTION foreshadow.refuse_truncate()', v_schema, v_table);
     EXECUTE format('ALTER TABLE %I.%I ENABLE ALWAYS TRIGGER foreshadow_no_truncate', v_schema, v_table);
@@ -363,6 +383,60 @@ BEGIN
     IF announce_existing THEN
         PERFORM foreshadow.announce_rows(tbl);
     END IF;
+END
+$$;
+
+-- The shadow set asked for, checked: regions listed in foreshadow.regions,
+-- each once; NULL stays NULL.
+CREATE FUNCTION foreshadow.checked_shadows(regions text[]) RETURNS text[]
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_known text[] := foreshadow.known_regions();
+    v_bad   text;
+BEGIN
+    IF regions IS NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT r INTO v_bad FROM unnest(regions) r WHERE r IS NULL OR NOT r = ANY (v_known) LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'unknown region "%" for a shadow', coalesce(v_bad, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('foreshadow.regions lists: %s.', coalesce(nullif(array_to_string(v_known, ', '), ''), 'no region')),
+                  HINT = 'Shadows run in regions listed in foreshadow.regions (postgresql.conf, the same in every region).';
+    END IF;
+    IF (SELECT count(DISTINCT r) FROM unnest(regions) r) <> cardinality(regions) THEN
+        RAISE EXCEPTION 'a region is named twice in the shadow set %', regions USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN ARRAY(SELECT r FROM unnest(regions) r ORDER BY r);
+END
+$$;
+
+-- Changes the shadows of a merge table (run it in every region, like
+-- make_global): the regions whose sidecars resolve its conflicts, '{}' for
+-- none (every primary resolves on arrival). Conflicts in flight are
+-- resolved by the old or the new owner, with the same result (R7).
+CREATE FUNCTION foreshadow.set_shadows(tbl regclass, regions text[]) RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_epoch integer;
+BEGIN
+    IF tbl IS NULL OR regions IS NULL THEN
+        RAISE EXCEPTION 'foreshadow.set_shadows: % must not be NULL', CASE WHEN tbl IS NULL THEN 'table' ELSE 'regions' END
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM foreshadow.tables t WHERE t.relid = tbl AND t.strategy = 'merge') THEN
+        RAISE EXCEPTION 'table % is not a global table with strategy merge', tbl
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Shadows resolve the conflicts of merge tables; lww and counters resolve on arrival.';
+    END IF;
+    UPDATE foreshadow.tables t SET shadows = foreshadow.checked_shadows(regions), shadow_epoch = t.shadow_epoch + 1
+     WHERE t.relid = tbl RETURNING t.shadow_epoch INTO v_epoch;
+    PERFORM foreshadow.refresh_table(tbl);  -- and so every session reads the new set
+    RETURN v_epoch;
 END
 $$;
 
@@ -565,7 +639,7 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION '
                    'foreshadow.apply_transaction(text, text, text, text, timestamptz, integer), '
                    'foreshadow.note_lane_error(text, text), foreshadow.link_key(), '
-                   'foreshadow.reannounce(oid) TO %s', role_name);
+                   'foreshadow.reannounce(oid), foreshadow.resolve_overdue() TO %s', role_name);
     EXECUTE format('GRANT EXECUTE ON FUNCTION pg_catalog.pg_replication_origin_create(text), '
                    'pg_catalog.pg_replication_origin_oid(text), '
                    'pg_catalog.pg_replication_origin_session_setup(text), '
@@ -675,8 +749,9 @@ ALTER EVENT TRIGGER foreshadow_guard_capture ENABLE ALWAYS;
 -- Only the extension owner (and roles it grants) may change global tables,
 -- feed intents or touch anything internal; anyone may look. (Trigger
 -- functions are checked when a trigger is created, not when it fires.)
-REVOKE EXECUTE ON FUNCTION foreshadow.make_global(regclass, text, boolean, regprocedure), foreshadow.drop_global(regclass),
-    foreshadow.check_merge_function(regclass, text, regprocedure),
+REVOKE EXECUTE ON FUNCTION foreshadow.make_global(regclass, text, boolean, regprocedure, text[]), foreshadow.drop_global(regclass),
+    foreshadow.check_merge_function(regclass, text, regprocedure), foreshadow.checked_shadows(text[]),
+    foreshadow.set_shadows(regclass, text[]), foreshadow.resolve_overdue(),
     foreshadow.refresh_table(regclass), foreshadow.set_column_strategy(regclass, name, text),
     foreshadow.announce_rows(oid), foreshadow.reannounce(oid),
     foreshadow.apply_transaction(text, text, text, text, timestamptz, integer),

@@ -28,7 +28,6 @@ use crate::heap::{Heap, Heaps, Values};
 use crate::row_versions::{Found, Store, Version};
 use crate::spi::run_kept;
 use foreshadow_model::lww::{incoming_wins, Stamp};
-use foreshadow_model::strategy::{self, leaf::Leaf};
 use foreshadow_model::{Causality, Intent, Op, Strategy};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::pg_sys;
@@ -230,7 +229,7 @@ fn check_fits(t: &Table, i: &Intent) {
 
 /// Where the user's row stands when the intent is decided.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum RowState {
+pub enum RowState {
     /// It was there and is locked.
     Locked(*mut pg_sys::TupleTableSlot),
     /// It was not there and was just inserted with the intent's image
@@ -280,13 +279,15 @@ pub fn apply_intent(
         key_text: &key_text,
     };
     let o = if t.strategy == Some(Strategy::Merge) {
-        decide_merge(client, x, cur)
+        // Records its conflicts itself (they can be open, then resolved).
+        crate::shadow::apply(client, x, cur)
     } else {
-        decide(x, cur)
+        let o = decide(x, cur);
+        if let Some(c) = &o.conflict {
+            crate::conflicts::record(client, t, i, &key_text, c);
+        }
+        o
     };
-    if let Some(c) = &o.conflict {
-        crate::conflicts::record(client, t, i, &key_text, c);
-    }
     if row == RowState::Inserted && !o.changed {
         // The write lost to the version here (a newer delete): the row
         // claimed for it goes again.
@@ -299,19 +300,19 @@ pub fn apply_intent(
 
 /// An intent being applied, and where its row stands.
 #[derive(Clone, Copy)]
-struct Target<'a> {
-    t: &'a Table,
-    i: &'a Intent,
-    row: RowState,
-    heap: &'a Heap,
-    store: &'a Store,
-    key: &'a Values,
-    key_text: &'a str,
+pub struct Target<'a> {
+    pub t: &'a Table,
+    pub i: &'a Intent,
+    pub row: RowState,
+    pub heap: &'a Heap,
+    pub store: &'a Store,
+    pub key: &'a Values,
+    pub key_text: &'a str,
 }
 
 /// Compares the intent with the row's version `cur` (locked) and writes
 /// what wins.
-fn decide(x: Target<'_>, cur: Option<Found>) -> Outcome {
+pub fn decide(x: Target<'_>, cur: Option<Found>) -> Outcome {
     let Target {
         t,
         i,
@@ -331,6 +332,7 @@ fn decide(x: Target<'_>, cur: Option<Found>) -> Outcome {
             local: here.cloned(),
             outcome,
             merge_calls: 0,
+            resolved_by: Some("local"),
         })
     };
     vv.merge(&i.vv);
@@ -403,97 +405,6 @@ fn decide(x: Target<'_>, cur: Option<Found>) -> Outcome {
     Outcome {
         changed: true,
         conflict: conflict("applied"),
-    }
-}
-
-/// The leaves of the row whose version is `here`: the ones it keeps, or
-/// the one write it is (with the row's image here, none if deleted).
-fn leaves_of(heap: &Heap, here: Option<&Version>, row: RowState) -> Vec<Leaf> {
-    let Some(v) = here else {
-        return Vec::new();
-    };
-    if let Some(text) = &v.leaves {
-        return serde_json::from_str(text).unwrap_or_else(|e| {
-            raise(
-                PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
-                format!("foreshadow.row_versions holds leaves that do not parse: {e}"),
-                "This is a bug in Foreshadow; the peer's lane stops until it is mended.",
-            )
-        });
-    }
-    let image = match row {
-        RowState::Locked(local) if !v.deleted => Some(heap.row_of(local)),
-        _ => None,
-    };
-    vec![Leaf {
-        vv: v.vv.clone(),
-        hlc: v.hlc,
-        origin: v.origin.clone(),
-        row: image,
-    }]
-}
-
-/// Strategy merge (docs/shadow-protocol.md, R2, resolved here at once):
-/// a write already known is skipped; one that has seen every leaf of the
-/// row replaces it; a concurrent one joins the leaves, and the row becomes
-/// the merge function folded over all of them, its version their join.
-fn decide_merge(client: &mut SpiClient<'_>, x: Target<'_>, cur: Option<Found>) -> Outcome {
-    let (t, i, heap) = (x.t, x.i, x.heap);
-    let here = cur.as_ref().map(|f| &f.version);
-    let mut leaves = leaves_of(heap, here, x.row);
-    if here.is_some()
-        && matches!(
-            i.vv.compare(&strategy::join(&leaves)),
-            Causality::DominatedBy | Causality::Equal
-        )
-    {
-        return Outcome::default();
-    }
-    leaves.push(Leaf::from(i));
-    let leaves = strategy::frontier(leaves);
-    if leaves.len() == 1 {
-        return decide(x, cur);
-    }
-    let r = crate::merge::resolve(client, heap, t, &i.key, &leaves);
-    match (&r.row, x.row) {
-        (Some(image), RowState::Locked(local)) => heap.update(local, &heap.values(image)),
-        (Some(image), RowState::Inserted) => {
-            if let Some(local) = heap.find(x.key) {
-                heap.update(local, &heap.values(image));
-            }
-        }
-        (Some(image), RowState::Absent) => {
-            let mut v = heap.values(image);
-            heap.fill_defaults(&mut v);
-            heap.insert(&v);
-        }
-        (None, RowState::Locked(local)) => heap.delete(local),
-        (None, _) => {}
-    }
-    let last = leaves.last().expect("two leaves or more");
-    let version = Version {
-        hlc: last.hlc,
-        origin: last.origin.clone(),
-        vv: strategy::join(&leaves),
-        deleted: r.row.is_none(),
-        leaves: Some(serde_json::to_string(&leaves).expect("leaves serialise")),
-    };
-    x.store.write(cur.as_ref(), t.relid, x.key_text, &version);
-    let existed = matches!(x.row, RowState::Locked(_));
-    let concurrent = here.is_some_and(|h| h.vv.compare(&i.vv) == Causality::Concurrent);
-    let conflict = crate::conflicts::kind(i.op, here, existed, concurrent).map(|kind| Conflict {
-        kind,
-        local: here.cloned(),
-        outcome: if r.failure.is_some() {
-            "merge failed: last writer wins"
-        } else {
-            "merged"
-        },
-        merge_calls: r.calls,
-    });
-    Outcome {
-        changed: true,
-        conflict,
     }
 }
 

@@ -6,6 +6,7 @@
 
 use crate::row_versions::{Store, Version};
 use foreshadow_model::intent::{MESSAGE_PREFIX, WIRE_VERSION};
+use foreshadow_model::strategy::leaf::Leaf;
 use foreshadow_model::{Hlc, Intent, IntentClass, Op};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -225,20 +226,31 @@ fn record(
     let here = found.as_ref().map(|f| &f.version);
     let mut vv = here.map(|v| v.vv.clone()).unwrap_or_default();
     vv.bump(&region);
+    let hlc = crate::clock::stamp_above(here.map_or(Hlc(0), |v| v.hlc));
+    // R1: the write has seen the row's applied version, not the leaves of
+    // a conflict still open on it, which stays open with this write in it.
+    let leaves = here.and_then(|h| {
+        let write = Leaf {
+            vv: vv.clone(),
+            hlc,
+            origin: region.clone(),
+            row: row.clone(),
+        };
+        crate::leaves::after_local_write(h.leaves.as_deref(), write)
+    });
     let version = Version {
-        hlc: crate::clock::stamp_above(here.map_or(Hlc(0), |v| v.hlc)),
+        hlc,
         origin: region.clone(),
         vv,
         deleted: op == Op::Delete,
-        // R1: the write has seen every leaf the row resolved.
-        leaves: None,
+        leaves,
     };
     store.write(found.as_ref(), relid, &key_text, &version);
-    emit(t, version, op, key, row, delta);
+    emit_write(t, version, op, key, row, delta);
 }
 
-/// Emits the intent of a write whose version is `version`, sealed.
-fn emit(
+/// Emits the intent of a write whose version is `version`.
+fn emit_write(
     t: &TableArgs,
     version: Version,
     op: Op,
@@ -247,7 +259,7 @@ fn emit(
     delta: Option<Map<String, Value>>,
 ) {
     // The one wire type (model/src/intent.rs).
-    let intent = Intent {
+    emit(&Intent {
         v: WIRE_VERSION,
         origin: version.origin,
         hlc: version.hlc,
@@ -260,7 +272,13 @@ fn emit(
         delta,
         strategy: t.strategy.clone(),
         class: IntentClass::Data,
-    };
+        resolves: None,
+    });
+}
+
+/// Emits `intent`, sealed, in the current transaction: a local write's, or
+/// a resolution this region made.
+pub fn emit(intent: &Intent) {
     let sealed = foreshadow_model::seal::seal(&link_key(), &intent.encode());
     let intent = String::from_utf8(sealed).expect("hex and JSON are UTF-8");
     unsafe {
@@ -488,7 +506,7 @@ fn reannounce(tbl: pg_sys::Oid) -> i64 {
     each_row(&t, |row| {
         let key = key_of(&row, &t.pk);
         if let Some(v) = own(&key, false) {
-            emit(&t, v, Op::Insert, key, Some(row), None);
+            emit_write(&t, v, Op::Insert, key, Some(row), None);
             sent += 1;
         }
     });
@@ -515,7 +533,7 @@ fn reannounce(tbl: pg_sys::Oid) -> i64 {
             continue;
         };
         if let Some(v) = own(&key, true) {
-            emit(&t, v, Op::Delete, key, None, None);
+            emit_write(&t, v, Op::Delete, key, None, None);
             sent += 1;
         }
     }

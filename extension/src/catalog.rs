@@ -47,14 +47,15 @@ const TABLE_SQL: &str = "SELECT c.oid, c.relowner, c.reltype, t.strategy, \
        pg_catalog.array_agg(a.atttypid ORDER BY a.attnum), \
        pg_catalog.array_agg(a.atttypmod ORDER BY a.attnum), \
        (SELECT i.indexrelid FROM pg_catalog.pg_index i \
-         WHERE i.indrelid OPERATOR(pg_catalog.=) c.oid AND i.indisprimary) \
+         WHERE i.indrelid OPERATOR(pg_catalog.=) c.oid AND i.indisprimary), \
+       n.nspname::pg_catalog.text, c.relname::pg_catalog.text, coalesce(t.shadows, '{}') \
      FROM pg_catalog.pg_class c \
      JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
      JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) c.oid \
        AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped \
      LEFT JOIN foreshadow.tables t ON t.relid OPERATOR(pg_catalog.=) c.oid \
      WHERE c.oid OPERATOR(pg_catalog.=) $1 \
-     GROUP BY c.oid, c.relowner, c.reltype, t.strategy, t.merge_function, n.nspname, c.relname, t.counter_cols";
+     GROUP BY c.oid, c.relowner, c.reltype, t.strategy, t.merge_function, n.nspname, c.relname, t.counter_cols, t.shadows";
 const VERSIONS_SQL: &str = "SELECT 'foreshadow.row_versions'::pg_catalog.regclass::pg_catalog.oid";
 
 pub struct Column {
@@ -89,6 +90,11 @@ pub struct Table {
     /// Strategy merge: the merge function's name, quoted (`None`: it was
     /// dropped, and conflicts fall back to last writer wins).
     pub merge_function: Option<String>,
+    /// The names peers use (unquoted).
+    pub schema: String,
+    pub name: String,
+    /// Strategy merge: the regions whose sidecars resolve its conflicts.
+    pub shadows: Vec<String>,
 }
 
 /// Called by PostgreSQL for every relcache invalidation (registered in
@@ -117,6 +123,11 @@ pub fn table(client: &mut SpiClient<'_>, schema: &str, name: &str) -> Option<Rc<
     let t = relid.and_then(|r| lookup(client, r)).map(Rc::new);
     TABLES.with(|c| c.borrow_mut().insert(key, (generation, t.clone())));
     t
+}
+
+/// The global table whose handle here is `relid`.
+pub fn table_by_relid(client: &mut SpiClient<'_>, relid: pg_sys::Oid) -> Option<Rc<Table>> {
+    lookup(client, relid).map(Rc::new)
 }
 
 /// `foreshadow.row_versions`, where every row's version is kept; written
@@ -213,6 +224,9 @@ fn table_of(row: &pgrx::spi::SpiHeapTupleData<'_>) -> Option<Table> {
             .flatten()
             .and_then(|s| s.parse().ok()),
         merge_function: row.get::<String>(5).ok().flatten(),
+        schema: row.get::<String>(14).ok()??,
+        name: row.get::<String>(15).ok()??,
+        shadows: list(16),
     })
 }
 

@@ -20,8 +20,14 @@ use std::time::{Duration, Instant};
 
 const RECORD_SQL: &str = "INSERT INTO foreshadow.conflict_log \
      (relid, key, kind, strategy, local_origin, local_hlc, local_deleted, remote_origin, remote_hlc, \
-      remote_op, resolved_by, outcome, merge_calls) \
-     VALUES ($1::oid, $2, $3, $4, $5, $6::bigint, $7::boolean, $8, $9::bigint, $10, 'local', $11, $12::int)";
+      remote_op, resolved_by, outcome, merge_calls, resolved_at) \
+     VALUES ($1::oid, $2, $3, $4, $5, $6::bigint, $7::boolean, $8, $9::bigint, $10, $13, $11, $12::int, \
+             CASE WHEN $13 IS NULL THEN NULL ELSE pg_catalog.clock_timestamp() END)";
+/// Closes the open conflict of a row: resolved, and how.
+const CLOSE_SQL: &str = "UPDATE foreshadow.conflict_log SET resolved_by = $3, outcome = $4, \
+       merge_calls = merge_calls OPERATOR(pg_catalog.+) $5::int, resolved_at = pg_catalog.clock_timestamp() \
+     WHERE relid OPERATOR(pg_catalog.=) $1::oid AND key OPERATOR(pg_catalog.=) $2 AND resolved_at IS NULL \
+     RETURNING id";
 /// Skips rows another apply session is pruning (both would otherwise queue
 /// on the same old rows inside their apply transactions).
 const PRUNE_SQL: &str = "DELETE FROM foreshadow.conflict_log WHERE id OPERATOR(pg_catalog.=) ANY (ARRAY( \
@@ -47,6 +53,9 @@ pub struct Conflict {
     pub outcome: &'static str,
     /// Strategy merge: the merge function's calls.
     pub merge_calls: i32,
+    /// `local`, `shadow` or `fallback`; None: open, waiting for the key's
+    /// owner (then `outcome` is empty until it is closed).
+    pub resolved_by: Option<&'static str>,
 }
 
 /// The kind of conflict, if any, of applying `op` where the row's version
@@ -87,7 +96,7 @@ pub fn record(client: &mut SpiClient<'_>, t: &Table, i: &Intent, key_text: &str,
     run_kept(
         client,
         RECORD_SQL,
-        &[pg_sys::TEXTOID; 12],
+        &[pg_sys::TEXTOID; 13],
         &[
             u32::from(t.relid).to_string().into(),
             key_text.into(),
@@ -99,11 +108,37 @@ pub fn record(client: &mut SpiClient<'_>, t: &Table, i: &Intent, key_text: &str,
             i.origin.as_str().into(),
             i.hlc.0.to_string().into(),
             op.into(),
-            c.outcome.into(),
+            c.resolved_by.map(|_| c.outcome).into(),
             c.merge_calls.to_string().into(),
+            c.resolved_by.into(),
         ],
     );
     prune_now_and_then(client);
+}
+
+/// Closes the open conflict of row `key_text` of `relid`, if it has one:
+/// resolved `by` with `outcome`. Whether it had one.
+pub fn close(
+    client: &mut SpiClient<'_>,
+    relid: pg_sys::Oid,
+    key_text: &str,
+    by: &str,
+    outcome: &str,
+    merge_calls: i32,
+) -> bool {
+    let closed = run_kept(
+        client,
+        CLOSE_SQL,
+        &[pg_sys::TEXTOID; 5],
+        &[
+            u32::from(relid).to_string().into(),
+            key_text.into(),
+            by.into(),
+            outcome.into(),
+            merge_calls.to_string().into(),
+        ],
+    );
+    !closed.is_empty()
 }
 
 fn prune_now_and_then(client: &mut SpiClient<'_>) {

@@ -22,7 +22,33 @@ pub static CONFLICT_RETENTION_MIN: GucSetting<i32> = GucSetting::<i32>::new(7 * 
 /// the call is cancelled and the conflict is recorded as failed.
 pub static MERGE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
+/// Every region's name, comma-separated, the same in every region: where
+/// a merge table's shadows may run (`set_shadows`, and the default one).
+pub static REGIONS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// How long a primary waits for the owner's resolution of an open
+/// conflict before resolving it itself (R5, ms).
+pub static SHADOW_DEADLINE_MS: GucSetting<i32> = GucSetting::<i32>::new(2000);
+
 pub fn init() {
+    GucRegistry::define_string_guc(
+        c"foreshadow.regions",
+        c"Every region's name, comma-separated (the same list in every region).",
+        c"Shadows of merge tables run in these regions; empty: no shadows, every primary resolves its conflicts on arrival.",
+        &REGIONS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"foreshadow.shadow_deadline",
+        c"How long an open conflict waits for its shadow's resolution.",
+        c"Past it the primary resolves the conflict itself with the same function (a fallback, counted in foreshadow.conflicts).",
+        &SHADOW_DEADLINE_MS,
+        1,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
     GucRegistry::define_int_guc(
         c"foreshadow.merge_timeout",
         c"Longest time one call of a merge function may run.",
@@ -78,4 +104,38 @@ pub fn region() -> String {
 #[pgrx::pg_extern(stable, parallel_safe)]
 fn region_name() -> String {
     region()
+}
+
+/// The regions of `foreshadow.regions`, sorted, each once.
+pub fn regions() -> Vec<String> {
+    let list = REGIONS
+        .get()
+        .map(|r| r.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut out: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(String::from)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// `foreshadow.regions` as a list.
+#[pgrx::pg_extern(stable, parallel_safe)]
+fn known_regions() -> Vec<String> {
+    regions()
+}
+
+/// The shadow a merge table gets by default: one region of
+/// `foreshadow.regions`, chosen by rendezvous hashing of the table's name,
+/// so every region picks the same; none when the list is empty.
+#[pgrx::pg_extern(stable, parallel_safe)]
+fn default_shadows(schema: &str, table: &str) -> Vec<String> {
+    use foreshadow_model::ownership::{key_bytes, owner};
+    let regions = regions();
+    let key = key_bytes(schema, table, &serde_json::Map::new());
+    owner(&key, &regions).cloned().into_iter().collect()
 }

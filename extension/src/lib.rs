@@ -14,9 +14,11 @@ mod dead_letters;
 mod errors;
 mod gucs;
 mod heap;
+mod leaves;
 mod merge;
 mod rights;
 mod row_versions;
+mod shadow;
 mod spi;
 mod versions;
 
@@ -58,6 +60,7 @@ pub mod pg_test {
         vec![
             "shared_preload_libraries = 'foreshadow'",
             "foreshadow.region = 'test-region'",
+            "foreshadow.regions = 'test-region,peer'",
             "wal_level = logical",
         ]
     }

@@ -197,7 +197,9 @@ mod tests {
             callable,
             [
                 "capture_suppressed",
+                "default_shadows",
                 "hlc_text",
+                "known_regions",
                 "lww_wins",
                 "region_name",
                 "table_digest",
@@ -379,7 +381,7 @@ mod tests {
         .unwrap();
         Spi::run(
             "SELECT foreshadow.make_global('public.carts', strategy => 'merge', \
-                    merge_function => 'public.cart_merge(carts, carts, carts)')",
+                    merge_function => 'public.cart_merge(carts, carts, carts)', shadows => '{test-region}')",
         )
         .unwrap();
     }
@@ -472,6 +474,103 @@ mod tests {
                 "SELECT outcome FROM foreshadow.conflicts ORDER BY id DESC LIMIT 1"
             ),
             Ok(Some("merge failed: last writer wins".into()))
+        );
+    }
+
+    /// With the key's owner in another region (R2): a concurrent peer
+    /// write opens a conflict and waits (the row keeps this region's
+    /// version, the conflict shows as pending); the owner's resolution
+    /// (R4) then makes the row, closes the conflict as the shadow's, and
+    /// the write it resolved is skipped when it comes again. Past the
+    /// deadline a primary resolves an open conflict itself (R5).
+    #[pg_test]
+    fn open_conflicts_wait_for_the_owner_or_fall_back() {
+        setup_carts(UNION_APPEND);
+        assert_eq!(
+            Spi::get_one::<i32>("SELECT foreshadow.set_shadows('carts', '{peer}')"),
+            Ok(Some(2))
+        );
+        Spi::run("INSERT INTO carts VALUES (1, '{a}'), (2, '{a}')").unwrap();
+        let (hlc, vv) = Spi::get_two::<i64, String>(
+            "SELECT hlc, vv FROM foreshadow.row_versions WHERE key::jsonb ->> 'id' = '1'",
+        )
+        .unwrap();
+        let (hlc, vv) = (hlc.unwrap(), vv.unwrap());
+        let write = cart_intent(1, r#"{"peer":1}"#, "{b}");
+        apply(&format!("[{write}]"));
+        assert_eq!(cart(), Some(vec!["a".into()]), "waits for the owner");
+        assert_eq!(
+            Spi::get_one::<String>("SELECT resolved_by FROM foreshadow.conflicts"),
+            Ok(Some("pending".into()))
+        );
+        let leaves = format!(
+            r#"[{{"vv":{{"peer":1}},"hlc":1,"origin":"peer","row":{{"id":"1","items":"{{b}}"}}}},{{"vv":{vv},"hlc":{hlc},"origin":"test-region","row":{{"id":"1","items":"{{a}}"}}}}]"#
+        );
+        let joined = r#"{"peer":1,"test-region":1}"#;
+        let resolution = format!(
+            r#"{{"v":2,"origin":"peer","hlc":{hlc},"schema":"public","table":"carts","op":"update","key":{{"id":"1"}},"row":{{"id":"1","items":"{{b,a}}"}},"vv":{joined},"strategy":"merge","class":"data","resolves":{leaves}}}"#
+        );
+        apply(&format!("[{resolution}]"));
+        assert_eq!(cart(), Some(vec!["b".into(), "a".into()]));
+        assert_eq!(
+            Spi::get_two::<String, String>("SELECT resolved_by, outcome FROM foreshadow.conflicts"),
+            Ok((Some("shadow".into()), Some("pre-staged".into())))
+        );
+        apply(&format!("[{write}]"));
+        assert_eq!(cart(), Some(vec!["b".into(), "a".into()]), "known: skipped");
+        // Row 2: the owner's resolution never comes.
+        let write2 = cart_intent(2, r#"{"peer":2}"#, "{c}").replace(r#""1""#, r#""2""#);
+        apply(&format!("[{write2}]"));
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT foreshadow.resolve_overdue()"),
+            Ok(Some(0))
+        );
+        Spi::run(
+            "UPDATE foreshadow.conflict_log SET detected_at = detected_at - interval '1 minute'",
+        )
+        .unwrap();
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT foreshadow.resolve_overdue()"),
+            Ok(Some(1))
+        );
+        assert_eq!(
+            Spi::get_one::<Vec<String>>("SELECT items FROM carts WHERE id = 2"),
+            Ok(Some(vec!["c".into(), "a".into()]))
+        );
+        assert_eq!(
+            Spi::get_two::<String, i32>(
+                "SELECT resolved_by, merge_calls FROM foreshadow.conflicts WHERE key ->> 'id' = '2'"
+            ),
+            Ok((Some("fallback".into()), Some(1)))
+        );
+    }
+
+    /// set_shadows takes regions of foreshadow.regions only, each once.
+    #[pg_test]
+    fn set_shadows_checks_the_regions() {
+        setup_carts(UNION_APPEND);
+        let error_of = |sql: &'static str| error_of(move || Spi::run(sql).unwrap());
+        assert_eq!(
+            error_of("SELECT foreshadow.set_shadows('public.carts', '{mars}')"),
+            "unknown region \"mars\" for a shadow"
+        );
+        assert_eq!(
+            error_of("SELECT foreshadow.set_shadows('public.carts', '{peer,peer}')"),
+            "a region is named twice in the shadow set {peer,peer}"
+        );
+        assert_eq!(
+            error_of("SELECT foreshadow.set_shadows('public.carts', NULL)"),
+            "foreshadow.set_shadows: regions must not be NULL"
+        );
+        assert_eq!(
+            Spi::get_one::<Vec<String>>(
+                "SELECT shadows FROM foreshadow.global_tables WHERE table_name = 'public.carts'::regclass"
+            ),
+            Ok(Some(vec!["test-region".into()]))
+        );
+        assert_eq!(
+            Spi::get_one::<i32>("SELECT foreshadow.set_shadows('public.carts', '{}')"),
+            Ok(Some(2))
         );
     }
 

@@ -7,6 +7,7 @@
 //! a well-formed intent is, so that a malformed one is refused with a reason
 //! instead of being half-applied.
 
+use crate::strategy::leaf::Leaf;
 use crate::{Hlc, VersionVector};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -59,6 +60,13 @@ pub struct Intent {
     pub strategy: String,
     #[serde(default)]
     pub class: IntentClass,
+    /// A resolution (docs/shadow-protocol.md, R3 and R5): the leaf set it
+    /// resolves, sent by the region that resolved it so that every other
+    /// primary adopts it (R4, pre-stage) instead of resolving again. Its
+    /// `row` is the resolved row, its `vv` the join of the leaves, its
+    /// stamp the highest leaf's. `None` for a write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolves: Option<Vec<Leaf>>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -77,6 +85,8 @@ pub enum IntentError {
     NoOriginEntry(String),
     #[error("intent's counter increment for column `{0}` is not a number")]
     DeltaNotNumber(String),
+    #[error("resolution {0}")]
+    Resolution(&'static str),
 }
 
 impl Intent {
@@ -109,8 +119,19 @@ impl Intent {
         if self.key.is_empty() {
             return Err(IntentError::Empty("key"));
         }
-        if self.vv.get(&self.origin) == 0 {
-            return Err(IntentError::NoOriginEntry(self.origin.clone()));
+        match &self.resolves {
+            None if self.vv.get(&self.origin) == 0 => {
+                return Err(IntentError::NoOriginEntry(self.origin.clone()))
+            }
+            Some(leaves) if leaves.len() < 2 => {
+                return Err(IntentError::Resolution("resolves fewer than two leaves"))
+            }
+            Some(leaves) if crate::strategy::join(leaves) != self.vv => {
+                return Err(IntentError::Resolution(
+                    "has a version that is not the join of its leaves",
+                ))
+            }
+            _ => {}
         }
         if let Some((column, _)) = self.delta.iter().flatten().find(|(_, v)| !v.is_number()) {
             return Err(IntentError::DeltaNotNumber(column.clone()));
@@ -190,6 +211,21 @@ mod tests {
             decode(&v),
             Err(IntentError::DeltaNotNumber("balance".into()))
         );
+    }
+
+    #[test]
+    fn a_resolution_carries_its_leaves() {
+        let leaf = |o: &str| json!({"vv": {o: 1}, "hlc": 1, "origin": o, "row": {"id": 7}});
+        let mut v = sample();
+        v["vv"] = json!({"eu": 1, "us": 1});
+        v["resolves"] = json!([leaf("eu"), leaf("us")]);
+        let i = decode(&v).unwrap();
+        assert_eq!(i.resolves.as_ref().map(Vec::len), Some(2));
+        assert_eq!(Intent::decode(&i.encode()).unwrap(), i);
+        v["resolves"] = json!([leaf("eu")]);
+        assert!(matches!(decode(&v), Err(IntentError::Resolution(_))));
+        v["resolves"] = json!([leaf("eu"), leaf("ap")]);
+        assert!(matches!(decode(&v), Err(IntentError::Resolution(_))));
     }
 
     #[test]

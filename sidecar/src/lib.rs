@@ -6,6 +6,7 @@ pub mod apply;
 pub mod config;
 mod connect;
 pub mod error;
+mod fallback;
 mod peer;
 pub mod pgoutput;
 pub mod resync;
@@ -26,6 +27,10 @@ pub async fn run(config: Config, shutdown: tokio::sync::watch::Receiver<bool>) {
         .peers
         .iter()
         .map(|p| tokio::spawn(supervise(config.clone(), p.clone(), shutdown.clone())))
+        .chain([tokio::spawn(fallback::run(
+            config.clone(),
+            shutdown.clone(),
+        ))])
         .collect();
     for t in tasks {
         let _ = t.await;

@@ -27,7 +27,7 @@ impl Cluster {
         self.dir.join("postgres.log")
     }
 
-    pub fn init(&self, region: &str, engine: Engine) -> Result<(), String> {
+    pub fn init(&self, region: &str, regions: &[String], engine: Engine) -> Result<(), String> {
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
         if is_root() {
@@ -53,7 +53,7 @@ impl Cluster {
         run(initdb, &format!("initdb for region {region}"))?;
         // Small, fast clusters: several share this machine. fsync is off
         // because lab clusters are scratch data.
-        let engine_conf = engine.replicator().conf(region);
+        let engine_conf = engine.replicator().conf(region, regions);
         let conf = format!(
             "\n# foreshadow lab ({engine})\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = ''\n\
              {engine_conf}wal_level = logical\nmax_replication_slots = 16\nmax_wal_senders = 16\n\

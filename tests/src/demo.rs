@@ -217,27 +217,48 @@ async fn drive(lab: &Lab, opts: &DemoOptions) -> Result<(), String> {
     Ok(())
 }
 
-/// The merge table: per region, the conflicts merged, the merge function's
-/// calls and the fallbacks; and every committed item in its cart exactly
-/// once, in every region.
+/// The merge table: per region, the conflicts detected, resolved by the
+/// table's shadow (here if this region hosts it, else adopted from its
+/// pre-stage, some before the conflicting writes arrived), the fallbacks
+/// and the merge function's calls; and every committed item in its cart
+/// exactly once, in every region.
 async fn show_carts(lab: &Lab, items: &[(i64, String)]) -> Result<(), String> {
-    println!("== carts (strategy merge): conflicts each region merged on arrival, merge-function calls, fallbacks");
+    let c0 = lab.client(&lab.spec.regions[0].name).await?;
+    let shadow: String = c0
+        .query_one(
+            "SELECT array_to_string(shadows, ', ') FROM foreshadow.global_tables WHERE table_name = 'carts'::regclass",
+            &[],
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .get(0);
+    println!("== carts (strategy merge, shadow in {shadow}): per region, conflicts detected and how each was resolved");
     for r in &lab.spec.regions {
         let c = lab.client(&r.name).await?;
         let row = c
             .query_one(
-                "SELECT count(*) FILTER (WHERE outcome = 'merged'), coalesce(sum(merge_calls), 0), \
+                "SELECT count(*), count(*) FILTER (WHERE resolved_by = 'shadow' AND outcome = 'merged'), \
+                        count(*) FILTER (WHERE outcome LIKE 'pre-staged%'), \
+                        count(*) FILTER (WHERE outcome = 'pre-staged before its writes arrived'), \
+                        count(*) FILTER (WHERE resolved_by IN ('fallback', 'local')), coalesce(sum(merge_calls), 0), \
                         (SELECT count(*) FROM foreshadow.conflict_failures) \
                    FROM foreshadow.conflicts WHERE table_name = 'carts'::regclass",
                 &[],
             )
             .await
             .map_err(|e| e.to_string())?;
-        let (merged, calls, failed): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        let n = |i: usize| row.get::<_, i64>(i);
         println!(
-            "   {:<10} {merged} conflicts merged, {calls} merge-function calls ({:.2} per conflict), {failed} fallbacks",
+            "   {:<10} {} detected: {} resolved here by the shadow, {} adopted from the shadow ({} pre-staged before the conflicting write arrived), {} fallbacks; {} merge-function calls ({:.2} per conflict resolved here), {} failures",
             r.name,
-            calls as f64 / merged.max(1) as f64
+            n(0),
+            n(1),
+            n(2),
+            n(3),
+            n(4),
+            n(5),
+            n(5) as f64 / (n(1) + n(4)).max(1) as f64,
+            n(6)
         );
         let carts: std::collections::HashMap<i64, Vec<String>> = c
             .query("SELECT id, items FROM carts", &[])

@@ -15,7 +15,8 @@ pub type Fut<'a, T> = Pin<Box<dyn Future<Output = Result<T, String>> + Send + 'a
 
 pub trait Replicator: Sync {
     /// `postgresql.conf` lines this engine needs in `region`.
-    fn conf(&self, region: &str) -> String;
+    /// postgresql.conf lines of `region`, one of `regions` (all of the lab's).
+    fn conf(&self, region: &str, regions: &[String]) -> String;
     /// SQL that installs the engine in a region's database, if any.
     fn install_sql(&self, lab: &Lab, region: &Region) -> Option<String>;
     /// Starts replicating between the regions once every cluster runs.
@@ -58,8 +59,11 @@ struct Pglogical;
 struct Plain;
 
 impl Replicator for Foreshadow {
-    fn conf(&self, region: &str) -> String {
-        format!("shared_preload_libraries = 'foreshadow'\nforeshadow.region = '{region}'\n")
+    fn conf(&self, region: &str, regions: &[String]) -> String {
+        format!(
+            "shared_preload_libraries = 'foreshadow'\nforeshadow.region = '{region}'\nforeshadow.regions = '{}'\n",
+            regions.join(",")
+        )
     }
 
     fn install_sql(&self, lab: &Lab, _: &Region) -> Option<String> {
@@ -155,7 +159,7 @@ impl Replicator for Foreshadow {
 }
 
 impl Replicator for Pglogical {
-    fn conf(&self, _: &str) -> String {
+    fn conf(&self, _: &str, _: &[String]) -> String {
         // pglogical's output plugin must be approved on this PostgreSQL;
         // conflicts are logged as WARNINGs so that the benchmark can count them.
         "shared_preload_libraries = 'pglogical'\n\
@@ -267,7 +271,7 @@ impl Replicator for Pglogical {
 
 /// Independent clusters: the baseline that replicates nothing.
 impl Replicator for Plain {
-    fn conf(&self, _: &str) -> String {
+    fn conf(&self, _: &str, _: &[String]) -> String {
         String::new()
     }
 

@@ -156,6 +156,8 @@ impl Lab {
     }
 
     async fn start_all(&self) -> Result<(), String> {
+        let names: Vec<String> = self.spec.regions.iter().map(|r| r.name.clone()).collect();
+        let names = &names;
         std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .spec
@@ -164,7 +166,7 @@ impl Lab {
                 .map(|r| {
                     s.spawn(move || {
                         let c = self.cluster(&r.name);
-                        c.init(&r.name, self.spec.engine)?;
+                        c.init(&r.name, names, self.spec.engine)?;
                         if self.spec.tls {
                             c.enable_tls(&self.certs())?;
                         }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{lab, names, scalar_i64, TestLab, CONVERGE};
+use common::{lab, names, scalar_i64, text_in, TestLab, CONVERGE};
 use foreshadow_lab::workload::{add_cart_items, cart_merge, CARTS_DDL};
 use foreshadow_lab::Fault;
 use foreshadow_lab::Lab;
@@ -141,31 +141,42 @@ async fn concurrent_carts_merge_to_the_model_resolution_everywhere() {
     });
     assert!(pairwise_differs, "the merge is order-sensitive here");
 
-    // Each region resolved each key twice (a second peer's version joined
-    // the first conflict), with one and then two calls of the function.
+    // The table's shadow (one region, chosen from foreshadow.regions)
+    // resolved each key twice: when the second version met its own (one
+    // call), then when the third joined them (two calls). Every other
+    // region adopted its resolutions and never called the function.
+    let owner = text_in(
+        &lab,
+        &r[0],
+        "SELECT shadows[1] FROM foreshadow.global_tables WHERE table_name = 'carts'::regclass",
+    )
+    .await
+    .unwrap()
+    .expect("carts has a shadow");
     for region in &r {
-        let merged = scalar_i64(
-            &lab,
-            region,
-            "SELECT count(*) FROM foreshadow.conflicts WHERE table_name = 'carts'::regclass AND outcome = 'merged'",
-        )
-        .await;
-        let calls = scalar_i64(
-            &lab,
-            region,
-            "SELECT coalesce(sum(merge_calls), 0) FROM foreshadow.conflicts WHERE table_name = 'carts'::regclass",
-        )
-        .await;
-        assert_eq!((merged, calls), (2 * KEYS, 3 * KEYS), "{region}");
-        assert_eq!(
-            scalar_i64(
-                &lab,
-                region,
-                "SELECT count(*) FROM foreshadow.conflict_failures"
-            )
-            .await,
-            0
-        );
+        let count = |sql: &'static str| scalar_i64(&lab, region, sql);
+        let merged =
+            count("SELECT count(*) FROM foreshadow.conflicts WHERE outcome = 'merged'").await;
+        let calls = count("SELECT coalesce(sum(merge_calls), 0) FROM foreshadow.conflicts").await;
+        let not_by_shadow =
+            count("SELECT count(*) FROM foreshadow.conflicts WHERE resolved_by <> 'shadow'").await;
+        let failures = count("SELECT count(*) FROM foreshadow.conflict_failures").await;
+        let want = if *region == owner {
+            (2 * KEYS, 3 * KEYS)
+        } else {
+            (0, 0)
+        };
+        assert_eq!((merged, calls), want, "{region} (shadow: {owner})");
+        assert_eq!((not_by_shadow, failures), (0, 0), "{region}");
+        if *region != owner {
+            let adopted =
+                count("SELECT count(*) FROM foreshadow.conflicts WHERE outcome LIKE 'pre-staged%'")
+                    .await;
+            assert!(
+                adopted >= KEYS,
+                "{region}: adopted the shadow's resolutions"
+            );
+        }
     }
 }
 
@@ -201,11 +212,14 @@ async fn every_committed_item_is_kept_once_under_concurrent_writers() {
     }
     let total: usize = got.values().map(Vec::len).sum();
     assert_eq!(total, committed.len(), "nothing but the committed items");
-    let conflicts = scalar_i64(
-        &lab,
-        &r[0],
-        "SELECT count(*) FROM foreshadow.conflicts WHERE outcome = 'merged'",
-    )
-    .await;
-    assert!(conflicts > 0, "the writers raced");
+    // Resolved by the table's shadow (where the function ran) and adopted
+    // everywhere else; none left open.
+    let mut merged = 0;
+    for region in &r {
+        let count = |sql: &'static str| scalar_i64(&lab, region, sql);
+        merged += count("SELECT count(*) FROM foreshadow.conflicts WHERE outcome = 'merged'").await;
+        let open = count("SELECT count(*) FROM foreshadow.conflicts WHERE resolved_by = 'pending'");
+        assert_eq!(open.await, 0, "{region}: no conflict left open");
+    }
+    assert!(merged > 0, "the writers raced");
 }

@@ -1,0 +1,400 @@
+//! Merge tables on a primary, by the rules of docs/shadow-protocol.md:
+//! R2 (apply a peer's write to the row's leaves), R3 (resolve a conflict
+//! once, here, when this region hosts the key's owner, and publish the
+//! resolution), R4 (adopt a resolution another region published: the
+//! pre-stage) and R5 (resolve it here after `foreshadow.shadow_deadline`,
+//! `resolve_overdue`). R1 is in capture.
+//!
+//! A resolution travels as an intent that carries the leaves it resolves
+//! (`Intent::resolves`), on the resolving region's stream to every other
+//! region, in the transaction that resolved it: it is delivered at least
+//! once, in order, and sent again after any crash until each peer's
+//! progress covers it (the slot keeps it), which is what the protocol
+//! asks of the owner's resolution log and its re-sends (R3, R6).
+
+use crate::apply::{decide, Outcome, RowState, Target};
+use crate::catalog::Table;
+use crate::conflicts::{self, Conflict};
+use crate::heap::{Heap, Values};
+use crate::leaves;
+use crate::row_versions::{Found, Store, Version};
+use foreshadow_model::intent::WIRE_VERSION;
+use foreshadow_model::ownership::{key_bytes, owner};
+use foreshadow_model::strategy::{self, leaf::Leaf};
+use foreshadow_model::{Causality, Intent, IntentClass, Op};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use serde_json::{Map, Value};
+
+type Row = Map<String, Value>;
+
+/// A row of a merge table, found (and locked) for a decision.
+#[derive(Clone, Copy)]
+struct At<'a> {
+    t: &'a Table,
+    heap: &'a Heap,
+    store: &'a Store,
+    state: RowState,
+    key: &'a Values,
+    key_text: &'a str,
+    key_map: &'a Row,
+}
+
+/// Who resolves the conflicts of row `key` of `t` here: `local` with no
+/// shadows (every primary, on arrival), `shadow` when this region hosts
+/// the key's owner; None when another region does (wait for it).
+fn resolver(t: &Table, key: &Row) -> Option<&'static str> {
+    if t.shadows.is_empty() {
+        return Some("local");
+    }
+    let region = crate::gucs::region();
+    let bytes = key_bytes(&t.schema, &t.name, key);
+    (owner(&bytes, &t.shadows).map(String::as_str) == Some(region.as_str())).then_some("shadow")
+}
+
+/// The leaves of the row whose version is `here`: the ones it keeps, or
+/// the one write it is (with the row's image here, none if deleted).
+fn leaves_of(heap: &Heap, here: Option<&Version>, row: RowState) -> Vec<Leaf> {
+    let Some(v) = here else {
+        return Vec::new();
+    };
+    if let Some(text) = &v.leaves {
+        return leaves::parse(text);
+    }
+    let image = match row {
+        RowState::Locked(local) if !v.deleted => Some(heap.row_of(local)),
+        _ => None,
+    };
+    vec![Leaf {
+        vv: v.vv.clone(),
+        hlc: v.hlc,
+        origin: v.origin.clone(),
+        row: image,
+    }]
+}
+
+/// Makes the row `image` (None: deleted); whether it changed.
+fn put_row(at: At<'_>, image: Option<&Row>) -> bool {
+    let heap = at.heap;
+    let local = match at.state {
+        RowState::Locked(local) => Some(local),
+        RowState::Inserted => heap.find(at.key),
+        RowState::Absent => None,
+    };
+    match (image, local) {
+        (Some(image), Some(local)) => heap.update(local, &heap.values(image)),
+        (Some(image), None) => {
+            let mut v = heap.values(image);
+            heap.fill_defaults(&mut v);
+            heap.insert(&v);
+        }
+        (None, Some(local)) => heap.delete(local),
+        (None, None) => return false,
+    }
+    true
+}
+
+/// What a resolution made of a row.
+struct Resolved {
+    calls: i32,
+    outcome: &'static str,
+}
+
+/// Resolves `leaves` (two or more, canonical order) with the table's
+/// merge function and makes the result the row, its version their join;
+/// `publish`: sends it to every other region (R3, R5).
+fn resolve(
+    client: &mut SpiClient<'_>,
+    at: At<'_>,
+    cur: Option<&Found>,
+    leaves: &[Leaf],
+    publish: bool,
+) -> Resolved {
+    let r = crate::merge::resolve(client, at.heap, at.t, at.key_map, leaves);
+    put_row(at, r.row.as_ref());
+    let last = leaves.last().expect("two leaves or more");
+    let version = Version {
+        hlc: last.hlc,
+        origin: last.origin.clone(),
+        vv: strategy::join(leaves),
+        deleted: r.row.is_none(),
+        leaves: leaves::stored(leaves),
+    };
+    at.store.write(cur, at.t.relid, at.key_text, &version);
+    if publish {
+        crate::capture::emit(&Intent {
+            v: WIRE_VERSION,
+            origin: crate::gucs::region(),
+            hlc: last.hlc,
+            schema: at.t.schema.clone(),
+            table: at.t.name.clone(),
+            op: if r.row.is_some() {
+                Op::Update
+            } else {
+                Op::Delete
+            },
+            key: at.key_map.clone(),
+            row: r.row.clone(),
+            vv: version.vv,
+            delta: None,
+            strategy: foreshadow_model::Strategy::Merge.name().into(),
+            class: IntentClass::Data,
+            resolves: Some(leaves.to_vec()),
+        });
+    }
+    Resolved {
+        calls: r.calls,
+        outcome: if r.failure.is_some() {
+            "merge failed: last writer wins"
+        } else {
+            "merged"
+        },
+    }
+}
+
+/// Applies a peer's write, or a resolution a peer published, to a row of
+/// a merge table. Records its conflicts itself.
+pub fn apply(client: &mut SpiClient<'_>, x: Target<'_>, cur: Option<Found>) -> Outcome {
+    let at = At {
+        t: x.t,
+        heap: x.heap,
+        store: x.store,
+        state: x.row,
+        key: x.key,
+        key_text: x.key_text,
+        key_map: &x.i.key,
+    };
+    match &x.i.resolves {
+        Some(resolution) => adopt(client, x, at, cur, resolution),
+        None => apply_write(client, x, at, cur),
+    }
+}
+
+/// R2: a write already known is skipped (a duplicate, superseded, or
+/// pre-staged: applied as that resolution); one that has seen every leaf
+/// replaces the row; a concurrent one joins the leaves and opens a
+/// conflict, resolved here at once if this region resolves the key, else
+/// left open for the owner (the row takes the write only if the write
+/// has seen the row's version).
+fn apply_write(
+    client: &mut SpiClient<'_>,
+    x: Target<'_>,
+    at: At<'_>,
+    cur: Option<Found>,
+) -> Outcome {
+    let i = x.i;
+    let here = cur.as_ref().map(|f| &f.version);
+    let mut leaves = leaves_of(at.heap, here, at.state);
+    let known = matches!(
+        i.vv.compare(&strategy::join(&leaves)),
+        Causality::DominatedBy | Causality::Equal
+    );
+    if here.is_some() && known {
+        return Outcome::default();
+    }
+    let was_open = here.is_some_and(|h| leaves::open(&leaves, &h.vv));
+    leaves.push(Leaf::from(i));
+    let leaves = strategy::frontier(leaves);
+    if leaves.len() == 1 {
+        let o = decide(x, cur);
+        if let Some(c) = &o.conflict {
+            conflicts::record(client, at.t, i, at.key_text, c);
+        }
+        return o;
+    }
+    let existed = matches!(at.state, RowState::Locked(_));
+    let concurrent = here.is_some_and(|h| h.vv.compare(&i.vv) == Causality::Concurrent);
+    let kind = conflicts::kind(i.op, here, existed, concurrent).unwrap_or("update_origin_differs");
+    let conflict = |resolved_by, outcome, merge_calls| Conflict {
+        kind,
+        local: here.cloned(),
+        outcome,
+        merge_calls,
+        resolved_by,
+    };
+    if let Some(by) = resolver(at.t, at.key_map) {
+        let r = resolve(client, at, cur.as_ref(), &leaves, by == "shadow");
+        let c = conflict(Some(by), r.outcome, r.calls);
+        if !conflicts::close(client, at.t.relid, at.key_text, by, r.outcome, r.calls) {
+            conflicts::record(client, at.t, i, at.key_text, &c);
+        }
+        return Outcome {
+            changed: true,
+            conflict: Some(c),
+        };
+    }
+    // Wait for the owner's resolution (or the deadline).
+    let takes_it = here.is_none_or(|h| i.vv.compare(&h.vv) == Causality::Dominates);
+    let version = match here {
+        Some(h) if !takes_it => Version {
+            leaves: leaves::stored(&leaves),
+            ..h.clone()
+        },
+        _ => Version {
+            hlc: i.hlc,
+            origin: i.origin.clone(),
+            vv: i.vv.clone(),
+            deleted: i.op == Op::Delete,
+            leaves: leaves::stored(&leaves),
+        },
+    };
+    let changed = takes_it && put_row(at, i.row.as_ref());
+    at.store
+        .write(cur.as_ref(), at.t.relid, at.key_text, &version);
+    let c = conflict(None, "", 0);
+    if !was_open {
+        conflicts::record(client, at.t, i, at.key_text, &c);
+    }
+    Outcome {
+        changed,
+        conflict: (!was_open).then_some(c),
+    }
+}
+
+/// R4: a resolution another region published. Its leaves join the row's
+/// (so their own intents, when they come, are known and skipped); the row
+/// becomes the resolved row if the resolution has seen the row's version,
+/// stays if it is the same, and otherwise stays for the larger conflict
+/// the resolution is part of.
+fn adopt(
+    client: &mut SpiClient<'_>,
+    x: Target<'_>,
+    at: At<'_>,
+    cur: Option<Found>,
+    resolution: &[Leaf],
+) -> Outcome {
+    let i = x.i;
+    let here = cur.as_ref().map(|f| &f.version);
+    let mut all = leaves_of(at.heap, here, at.state);
+    let was_open = here.is_some_and(|h| leaves::open(&all, &h.vv));
+    all.extend(resolution.iter().cloned());
+    let all = strategy::frontier(all);
+    for l in resolution {
+        crate::clock::observe(l.hlc);
+    }
+    let relation = here.map_or(Causality::Dominates, |h| i.vv.compare(&h.vv));
+    let changed = relation == Causality::Dominates;
+    let version = match here {
+        Some(h) if !changed => Version {
+            leaves: leaves::stored(&all),
+            ..h.clone()
+        },
+        _ => {
+            let last = resolution.last().expect("a resolution has leaves");
+            Version {
+                hlc: last.hlc,
+                origin: last.origin.clone(),
+                vv: i.vv.clone(),
+                deleted: i.row.is_none(),
+                leaves: leaves::stored(&all),
+            }
+        }
+    };
+    if changed {
+        put_row(at, i.row.as_ref());
+    }
+    let still_open = leaves::open(&all, &version.vv);
+    at.store
+        .write(cur.as_ref(), at.t.relid, at.key_text, &version);
+    // From the key's owner, or a region that fell back.
+    let by = if resolver_of(at.t, at.key_map) == Some(i.origin.as_str()) {
+        "shadow"
+    } else {
+        "fallback"
+    };
+    let mut conflict = None;
+    if changed && !still_open {
+        let outcome = "pre-staged";
+        if !(was_open && conflicts::close(client, at.t.relid, at.key_text, by, outcome, 0)) {
+            // No conflict was open here: the resolution came before (some
+            // of) the writes it resolves.
+            let existed = matches!(at.state, RowState::Locked(_));
+            let kind =
+                conflicts::kind(i.op, here, existed, true).unwrap_or("update_origin_differs");
+            let c = Conflict {
+                kind,
+                local: here.cloned(),
+                outcome: "pre-staged before its writes arrived",
+                merge_calls: 0,
+                resolved_by: Some(by),
+            };
+            conflicts::record(client, at.t, i, at.key_text, &c);
+            conflict = Some(c);
+        }
+    }
+    Outcome { changed, conflict }
+}
+
+/// The region hosting the owner of row `key` of `t`, if it has shadows.
+fn resolver_of<'a>(t: &'a Table, key: &Row) -> Option<&'a str> {
+    owner(&key_bytes(&t.schema, &t.name, key), &t.shadows).map(String::as_str)
+}
+
+const OVERDUE_SQL: &str = "SELECT relid::pg_catalog.text, key FROM foreshadow.conflict_log \
+     WHERE resolved_at IS NULL AND detected_at OPERATOR(pg_catalog.<) \
+           (pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => $1::pg_catalog.float8 OPERATOR(pg_catalog./) 1000)) \
+     GROUP BY relid, key ORDER BY pg_catalog.min(id) LIMIT 1000";
+
+/// R5: resolves here the open conflicts that have waited past
+/// `foreshadow.shadow_deadline` for their owner's resolution, with the same
+/// function the owner uses, and publishes them (a late resolution of the
+/// same leaves from the owner is then the same row). The sidecar calls it
+/// every few hundred milliseconds; returns how many it resolved.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn resolve_overdue() -> i64 {
+    crate::canonical::applying(false);
+    Spi::connect_mut(|client| {
+        let deadline = crate::gucs::SHADOW_DEADLINE_MS.get();
+        let due = crate::spi::run_kept(
+            client,
+            OVERDUE_SQL,
+            &[pg_sys::TEXTOID],
+            &[deadline.to_string().into()],
+        );
+        let mut heaps = crate::heap::Heaps::default();
+        let mut resolved = 0;
+        for row in due {
+            let [Some(relid), Some(key_text)] = &row[..] else {
+                continue;
+            };
+            let relid = pg_sys::Oid::from(relid.parse::<u32>().unwrap_or(0));
+            let (Some(t), Ok(key_map)) = (
+                crate::catalog::table_by_relid(client, relid),
+                serde_json::from_str::<Row>(key_text),
+            ) else {
+                continue;
+            };
+            let versions = crate::catalog::versions(client);
+            let (heap, store) = (heaps.get(&t), Store::new(heaps.get(&versions)));
+            let key = heap.values(&key_map);
+            let state = heap.find(&key).map_or(RowState::Absent, RowState::Locked);
+            let cur = store.find(t.relid, key_text);
+            let here = cur.as_ref().map(|f| &f.version);
+            let leaves = here
+                .map(|h| leaves_of(&heap, Some(h), state))
+                .unwrap_or_default();
+            let at = At {
+                t: &t,
+                heap: &heap,
+                store: &store,
+                state,
+                key: &key,
+                key_text,
+                key_map: &key_map,
+            };
+            let open = here.is_some_and(|h| leaves::open(&leaves, &h.vv));
+            if !open {
+                // Resolved meanwhile (its resolution's record was lost to a
+                // crash between the two): nothing left to do.
+                conflicts::close(client, relid, key_text, "shadow", "pre-staged", 0);
+                continue;
+            }
+            let r = resolve(client, at, cur.as_ref(), &leaves, true);
+            conflicts::close(client, relid, key_text, "fallback", r.outcome, r.calls);
+            resolved += 1;
+        }
+        resolved
+    })
+}
