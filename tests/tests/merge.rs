@@ -6,58 +6,14 @@
 
 mod common;
 
-use common::{lab, names, scalar_i64, text_in, TestLab, CONVERGE};
-use foreshadow_lab::workload::{add_cart_items, cart_merge, CARTS_DDL};
+use common::carts::{add_one_item_each, carts, carts_lab, items_of, oracle, KEYS};
+use common::{scalar_i64, text_in, CONVERGE};
+use foreshadow_lab::workload::{add_cart_items, cart_merge};
 use foreshadow_lab::Fault;
 use foreshadow_lab::Lab;
-use foreshadow_model::strategy::{leaf::Leaf, merge};
-use foreshadow_model::Hlc;
-use serde_json::{Map, Value};
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-const KEYS: i64 = 4;
-
-/// A cart's items as a leaf's row (the oracle folds leaves of the model).
-fn cart_row(items: &[String]) -> Map<String, Value> {
-    Map::from_iter([("items".to_string(), Value::from(items.to_vec()))])
-}
-
-fn items_of(row: &Map<String, Value>) -> Vec<String> {
-    serde_json::from_value(row["items"].clone()).unwrap()
-}
-
-/// A 3-region lab with KEYS carts holding `seed`, the same everywhere.
-async fn carts_lab(name: &str, seed: &[&str]) -> (TestLab, Vec<String>) {
-    let lab = lab(name, 3, 20).await;
-    let r = names(&lab);
-    lab.everywhere(CARTS_DDL).await.unwrap();
-    let first = lab.client(&r[0]).await.unwrap();
-    let seed: Vec<String> = seed.iter().map(|s| s.to_string()).collect();
-    for k in 0..KEYS {
-        first
-            .execute("INSERT INTO carts VALUES ($1, $2)", &[&k, &seed])
-            .await
-            .unwrap();
-    }
-    lab.wait_identical(&["public.carts"], CONVERGE)
-        .await
-        .unwrap();
-    (lab, r)
-}
-
-/// Every region's carts, by key.
-async fn carts(lab: &foreshadow_lab::Lab, region: &str) -> BTreeMap<i64, Vec<String>> {
-    let c = lab.client(region).await.unwrap();
-    c.query("SELECT id, items FROM carts", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_carts_merge_to_the_model_resolution_everywhere() {
@@ -68,33 +24,7 @@ async fn concurrent_carts_merge_to_the_model_resolution_everywhere() {
     for region in &r {
         lab.fault(region, Fault::Cut).unwrap();
     }
-    let mut writes: BTreeMap<i64, Vec<Leaf>> = BTreeMap::new();
-    for region in &r {
-        let c = lab.client(region).await.unwrap();
-        for k in 0..KEYS {
-            let item = format!("{region}-{k}");
-            c.execute(
-                "UPDATE carts SET items = items || $2::text WHERE id = $1",
-                &[&k, &item],
-            )
-            .await
-            .unwrap();
-            let v = c
-                .query_one(
-                    "SELECT v.hlc, v.origin, v.vv, c.items FROM foreshadow.row_versions v, carts c \
-                      WHERE v.relid = 'carts'::regclass AND v.key::jsonb ->> 'id' = $1 AND c.id = $2",
-                    &[&k.to_string(), &k],
-                )
-                .await
-                .unwrap();
-            writes.entry(k).or_default().push(Leaf {
-                hlc: Hlc(v.get::<_, i64>(0) as u64),
-                origin: v.get(1),
-                vv: serde_json::from_str(v.get::<_, &str>(2)).unwrap(),
-                row: Some(cart_row(&v.get::<_, Vec<String>>(3))),
-            });
-        }
-    }
+    let writes = add_one_item_each(&lab, &r).await;
     for region in &r {
         lab.fault(region, Fault::Heal).unwrap();
     }
@@ -104,17 +34,7 @@ async fn concurrent_carts_merge_to_the_model_resolution_everywhere() {
 
     // The oracle: the model's merge::resolve of each key's leaves with the
     // same function, in Rust.
-    let mut calls = 0;
-    let want: BTreeMap<i64, Vec<String>> = writes
-        .iter()
-        .map(|(k, ws)| {
-            let row = merge::resolve(ws, None, |_, a, b| {
-                calls += 1;
-                Ok::<_, ()>(cart_row(&cart_merge(&items_of(a), &items_of(b))))
-            });
-            (*k, items_of(&row.unwrap().unwrap()))
-        })
-        .collect();
+    let (want, calls) = oracle(&writes);
     assert_eq!(calls, 2 * KEYS, "three leaves per key: two merges each");
     for region in &r {
         let got = carts(&lab, region).await;

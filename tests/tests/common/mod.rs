@@ -3,6 +3,8 @@
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod carts;
+
 use foreshadow_lab::{Lab, UpOptions};
 use std::ops::Deref;
 use std::time::Duration;
