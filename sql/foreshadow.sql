@@ -16,6 +16,7 @@ CREATE TABLE foreshadow.strategies (
 INSERT INTO foreshadow.strategies VALUES
     ('lww', 'last writer wins: the higher hybrid-logical-clock stamp, then the region name'),
     ('merge', 'the table''s merge function (base, local, remote) folded over the concurrent versions in stamp order'),
+    ('vv', 'concurrent versions kept as siblings (foreshadow.siblings), the latest stamped in the table, until a write that has seen them all (foreshadow.resolve)'),
     ('counter', 'per column: concurrent increments add up (set with set_column_strategy)');
 
 -- This region's link key: capture seals every intent with it (an HMAC, see
@@ -224,6 +225,79 @@ SELECT c.id, c.detected_at, c.relid::regclass AS table_name, c.key::jsonb AS key
   FROM foreshadow.conflict_log c
  WHERE c.detected_at >= now() - current_setting('foreshadow.conflict_retention')::interval
  ORDER BY c.id DESC;
+
+-- Strategy vv: the concurrent versions each row keeps (its siblings),
+-- one row each, in canonical (stamp) order; in_table marks the one the
+-- table shows. Only rows of tables the caller may read.
+CREATE VIEW foreshadow.siblings AS
+SELECT v.relid::regclass AS table_name, v.key::jsonb AS key, l.leaf -> 'row' AS row,
+       l.leaf ->> 'origin' AS origin, foreshadow.hlc_text((l.leaf ->> 'hlc')::bigint) AS stamp,
+       l.leaf -> 'vv' AS vv, l.n = jsonb_array_length(v.leaves::jsonb) AS in_table
+  FROM foreshadow.row_versions v
+  JOIN foreshadow.tables t ON t.relid = v.relid AND t.strategy = 'vv'
+ CROSS JOIN LATERAL jsonb_array_elements(v.leaves::jsonb) WITH ORDINALITY AS l(leaf, n)
+ WHERE v.leaves IS NOT NULL AND has_table_privilege(v.relid, 'SELECT');
+
+-- Strategy vv: writes row_value (column -> value, as in foreshadow.siblings)
+-- as the row with primary key `key`, with the caller's rights, through the
+-- table's capture like any write: it has seen every sibling this region
+-- holds, so it replaces them here and in every region that holds no
+-- other. (Any write to the row in this region does the same; this is the
+-- explicit form.)
+CREATE FUNCTION foreshadow.resolve(tbl regclass, key jsonb, row_value jsonb) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_pk   text[];
+    v_cols text;
+    v_set  text;
+BEGIN
+    IF tbl IS NULL OR key IS NULL OR row_value IS NULL THEN
+        RAISE EXCEPTION 'foreshadow.resolve: % must not be NULL',
+                        CASE WHEN tbl IS NULL THEN 'table' WHEN key IS NULL THEN 'key' ELSE 'row_value' END
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT g.primary_key INTO v_pk FROM foreshadow.global_tables g
+     WHERE g.table_name = tbl AND g.strategy = 'vv';
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'table % is not a global table with strategy vv', tbl USING ERRCODE = 'undefined_object';
+    END IF;
+    IF EXISTS (SELECT 1 FROM unnest(v_pk) c WHERE key ->> c IS NULL OR row_value ->> c IS DISTINCT FROM key ->> c) THEN
+        RAISE EXCEPTION 'row % does not have primary key %', row_value, key
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = format('Give every primary-key column (%s) in both, with the same values.', array_to_string(v_pk, ', '));
+    END IF;
+    SELECT string_agg(format('%I', a.attname), ', ' ORDER BY a.attnum),
+           string_agg(format('%I = EXCLUDED.%I', a.attname, a.attname), ', ' ORDER BY a.attnum)
+      INTO v_cols, v_set
+      FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '';
+    EXECUTE format('INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM jsonb_populate_record(NULL::%s, $1) '
+                   'ON CONFLICT (%s) DO UPDATE SET %s',
+                   tbl, v_cols, v_cols, tbl,
+                   (SELECT string_agg(format('%I', c), ', ') FROM unnest(v_pk) c), v_set)
+      USING row_value;
+END
+$$;
+
+-- Per merge or vv table: its shadows and epoch, the conflicts open here
+-- (waiting for the shadow's resolution), the rows that keep leaves (a
+-- resolved conflict's versions, kept until a write that has seen them all,
+-- or vv siblings) and how many, the tombstones, and the bytes of its
+-- version metadata here.
+CREATE VIEW foreshadow.shadow_status AS
+SELECT t.relid::regclass AS table_name, t.strategy, t.shadows, t.shadow_epoch,
+       (SELECT count(*) FROM foreshadow.conflict_log c
+         WHERE c.relid = t.relid AND c.resolved_at IS NULL) AS open_conflicts,
+       count(v.leaves) AS rows_with_leaves,
+       coalesce(sum(jsonb_array_length(v.leaves::jsonb)), 0) AS leaves,
+       count(*) FILTER (WHERE v.deleted) AS tombstones,
+       coalesce(sum(pg_column_size(v.*)), 0) AS metadata_bytes
+  FROM foreshadow.tables t
+  LEFT JOIN foreshadow.row_versions v ON v.relid = t.relid
+ WHERE t.strategy IN ('merge', 'vv')
+ GROUP BY t.relid, t.strategy, t.shadows, t.shadow_epoch;
 
 CREATE VIEW foreshadow.row_version AS
 SELECT v.relid::regclass AS table_name, v.key::jsonb AS key, foreshadow.hlc_text(v.hlc) AS hlc,
@@ -760,7 +834,7 @@ REVOKE EXECUTE ON FUNCTION foreshadow.make_global(regclass, text, boolean, regpr
     foreshadow.capture(), foreshadow.counter_nulls(), foreshadow.refuse_truncate(),
     foreshadow.on_sql_drop(), foreshadow.guard_capture(), foreshadow.check_capture(regclass) FROM PUBLIC;
 GRANT USAGE ON SCHEMA foreshadow TO PUBLIC;
-GRANT SELECT ON foreshadow.global_tables, foreshadow.strategies TO PUBLIC;
+GRANT SELECT ON foreshadow.global_tables, foreshadow.strategies, foreshadow.siblings TO PUBLIC;
 -- Lane errors can quote row values: monitoring roles only.
 GRANT SELECT ON foreshadow.peer_stats, foreshadow.alerts, foreshadow.conflicts,
-    foreshadow.conflict_failures TO pg_monitor;
+    foreshadow.conflict_failures, foreshadow.shadow_status TO pg_monitor;

@@ -278,7 +278,7 @@ pub fn apply_intent(
         key: &key,
         key_text: &key_text,
     };
-    let o = if t.strategy == Some(Strategy::Merge) {
+    let o = if matches!(t.strategy, Some(Strategy::Merge | Strategy::Vv)) {
         // Records its conflicts itself (they can be open, then resolved).
         crate::shadow::apply(client, x, cur)
     } else {

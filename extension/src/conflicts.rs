@@ -29,10 +29,12 @@ const CLOSE_SQL: &str = "UPDATE foreshadow.conflict_log SET resolved_by = $3, ou
      WHERE relid OPERATOR(pg_catalog.=) $1::oid AND key OPERATOR(pg_catalog.=) $2 AND resolved_at IS NULL \
      RETURNING id";
 /// Skips rows another apply session is pruning (both would otherwise queue
-/// on the same old rows inside their apply transactions).
+/// on the same old rows inside their apply transactions), and open
+/// conflicts, whatever their age: they hold the fallback's deadline.
 const PRUNE_SQL: &str = "DELETE FROM foreshadow.conflict_log WHERE id OPERATOR(pg_catalog.=) ANY (ARRAY( \
      SELECT id FROM foreshadow.conflict_log \
       WHERE detected_at OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-) pg_catalog.make_interval(mins => $1::int)) \
+        AND resolved_at IS NOT NULL \
       ORDER BY id LIMIT 10000 FOR UPDATE SKIP LOCKED))";
 /// Entries past the retention are removed at most this often per session
 /// (the view hides them at once).

@@ -1,4 +1,4 @@
-//! Merge tables on a primary, by the rules of docs/shadow-protocol.md:
+//! Merge and vv tables on a primary, by the rules of docs/shadow-protocol.md:
 //! R2 (apply a peer's write to the row's leaves), R3 (resolve a conflict
 //! once, here, when this region hosts the key's owner, and publish the
 //! resolution), R4 (adopt a resolution another region published: the
@@ -21,7 +21,7 @@ use crate::row_versions::{Found, Store, Version};
 use foreshadow_model::intent::WIRE_VERSION;
 use foreshadow_model::ownership::{key_bytes, owner};
 use foreshadow_model::strategy::{self, leaf::Leaf};
-use foreshadow_model::{Causality, Intent, IntentClass, Op};
+use foreshadow_model::{Causality, Intent, IntentClass, Op, Strategy};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -42,10 +42,11 @@ struct At<'a> {
 }
 
 /// Who resolves the conflicts of row `key` of `t` here: `local` with no
-/// shadows (every primary, on arrival), `shadow` when this region hosts
-/// the key's owner; None when another region does (wait for it).
+/// shadows (every primary, on arrival; always for vv, whose resolution,
+/// the siblings, needs no function), `shadow` when this region hosts the
+/// key's owner; None when another region does (wait for it).
 fn resolver(t: &Table, key: &Row) -> Option<&'static str> {
-    if t.shadows.is_empty() {
+    if t.shadows.is_empty() || t.strategy == Some(Strategy::Vv) {
         return Some("local");
     }
     let region = crate::gucs::region();
@@ -101,9 +102,11 @@ struct Resolved {
     outcome: &'static str,
 }
 
-/// Resolves `leaves` (two or more, canonical order) with the table's
-/// merge function and makes the result the row, its version their join;
-/// `publish`: sends it to every other region (R3, R5).
+/// Resolves `leaves` (two or more, canonical order) by the table's
+/// strategy and makes the result the row, its version their join;
+/// `publish`: sends it to every other region (R3, R5). Merge: the merge
+/// function folded over them. Vv: they stay as siblings, the canonical
+/// winner (the highest stamp) in the table.
 fn resolve(
     client: &mut SpiClient<'_>,
     at: At<'_>,
@@ -111,7 +114,16 @@ fn resolve(
     leaves: &[Leaf],
     publish: bool,
 ) -> Resolved {
-    let r = crate::merge::resolve(client, at.heap, at.t, at.key_map, leaves);
+    let r = match at.t.strategy {
+        Some(Strategy::Vv) => crate::merge::Resolution {
+            row: strategy::siblings(leaves)
+                .last()
+                .and_then(|l| l.row.clone()),
+            calls: 0,
+            failure: None,
+        },
+        _ => crate::merge::resolve(client, at.heap, at.t, at.key_map, leaves),
+    };
     put_row(at, r.row.as_ref());
     let last = leaves.last().expect("two leaves or more");
     let version = Version {
@@ -138,17 +150,17 @@ fn resolve(
             row: r.row.clone(),
             vv: version.vv,
             delta: None,
-            strategy: foreshadow_model::Strategy::Merge.name().into(),
+            strategy: Strategy::Merge.name().into(),
             class: IntentClass::Data,
             resolves: Some(leaves.to_vec()),
         });
     }
     Resolved {
         calls: r.calls,
-        outcome: if r.failure.is_some() {
-            "merge failed: last writer wins"
-        } else {
-            "merged"
+        outcome: match (at.t.strategy, &r.failure) {
+            (Some(Strategy::Vv), _) => "siblings kept",
+            (_, Some(_)) => "merge failed: last writer wins",
+            _ => "merged",
         },
     }
 }
@@ -331,16 +343,19 @@ fn resolver_of<'a>(t: &'a Table, key: &Row) -> Option<&'a str> {
     owner(&key_bytes(&t.schema, &t.name, key), &t.shadows).map(String::as_str)
 }
 
-const OVERDUE_SQL: &str = "SELECT relid::pg_catalog.text, key FROM foreshadow.conflict_log \
-     WHERE resolved_at IS NULL AND detected_at OPERATOR(pg_catalog.<) \
-           (pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => $1::pg_catalog.float8 OPERATOR(pg_catalog./) 1000)) \
+/// Open conflicts, oldest first, and whether each is past the deadline.
+const OPEN_SQL: &str = "SELECT relid::pg_catalog.text, key, (pg_catalog.min(detected_at) OPERATOR(pg_catalog.<) \
+           (pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => $1::pg_catalog.float8 OPERATOR(pg_catalog./) 1000)))::pg_catalog.text \
+     FROM foreshadow.conflict_log WHERE resolved_at IS NULL \
      GROUP BY relid, key ORDER BY pg_catalog.min(id) LIMIT 1000";
 
 /// R5: resolves here the open conflicts that have waited past
 /// `foreshadow.shadow_deadline` for their owner's resolution, with the same
 /// function the owner uses, and publishes them (a late resolution of the
-/// same leaves from the owner is then the same row). The sidecar calls it
-/// every few hundred milliseconds; returns how many it resolved.
+/// same leaves from the owner is then the same row). Also, at once, open
+/// conflicts of keys this region has become the owner of (R7: a
+/// shadow-set change while they waited for the old owner). The sidecar
+/// calls it every few hundred milliseconds; returns how many it resolved.
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn resolve_overdue() -> i64 {
@@ -349,14 +364,14 @@ fn resolve_overdue() -> i64 {
         let deadline = crate::gucs::SHADOW_DEADLINE_MS.get();
         let due = crate::spi::run_kept(
             client,
-            OVERDUE_SQL,
+            OPEN_SQL,
             &[pg_sys::TEXTOID],
             &[deadline.to_string().into()],
         );
         let mut heaps = crate::heap::Heaps::default();
         let mut resolved = 0;
         for row in due {
-            let [Some(relid), Some(key_text)] = &row[..] else {
+            let [Some(relid), Some(key_text), Some(overdue)] = &row[..] else {
                 continue;
             };
             let relid = pg_sys::Oid::from(relid.parse::<u32>().unwrap_or(0));
@@ -365,6 +380,11 @@ fn resolve_overdue() -> i64 {
                 serde_json::from_str::<Row>(key_text),
             ) else {
                 continue;
+            };
+            let by = match resolver(&t, &key_map) {
+                Some("shadow") => "shadow",
+                _ if overdue == "true" => "fallback",
+                _ => continue,
             };
             let versions = crate::catalog::versions(client);
             let (heap, store) = (heaps.get(&t), Store::new(heaps.get(&versions)));
@@ -392,7 +412,7 @@ fn resolve_overdue() -> i64 {
                 continue;
             }
             let r = resolve(client, at, cur.as_ref(), &leaves, true);
-            conflicts::close(client, relid, key_text, "fallback", r.outcome, r.calls);
+            conflicts::close(client, relid, key_text, by, r.outcome, r.calls);
             resolved += 1;
         }
         resolved

@@ -202,6 +202,7 @@ mod tests {
                 "known_regions",
                 "lww_wins",
                 "region_name",
+                "resolve",
                 "table_digest",
                 "vv_bump",
                 "vv_compare",
@@ -503,6 +504,10 @@ mod tests {
             Spi::get_one::<String>("SELECT resolved_by FROM foreshadow.conflicts"),
             Ok(Some("pending".into()))
         );
+        assert_eq!(
+            Spi::get_two::<i64, i64>("SELECT open_conflicts, leaves FROM foreshadow.shadow_status"),
+            Ok((Some(1), Some(2)))
+        );
         let leaves = format!(
             r#"[{{"vv":{{"peer":1}},"hlc":1,"origin":"peer","row":{{"id":"1","items":"{{b}}"}}}},{{"vv":{vv},"hlc":{hlc},"origin":"test-region","row":{{"id":"1","items":"{{a}}"}}}}]"#
         );
@@ -571,6 +576,51 @@ mod tests {
         assert_eq!(
             Spi::get_one::<i32>("SELECT foreshadow.set_shadows('public.carts', '{}')"),
             Ok(Some(2))
+        );
+    }
+
+    /// Strategy vv: a peer's write concurrent with this region's is kept
+    /// beside it as a sibling (the later stamped one in the table), and
+    /// foreshadow.resolve writes a version that has seen both, which ends
+    /// them; siblings of tables the caller may not read are not shown.
+    #[pg_test]
+    fn vv_keeps_siblings_until_resolved() {
+        Spi::run("CREATE TABLE public.docs (id int PRIMARY KEY, body text)").unwrap();
+        Spi::run("SELECT foreshadow.make_global('public.docs', strategy => 'vv')").unwrap();
+        Spi::run("INSERT INTO docs VALUES (1, 'mine')").unwrap();
+        apply(
+            r#"[{"v":2,"origin":"peer","hlc":1,"schema":"public","table":"docs","op":"update","key":{"id":"1"},"row":{"id":"1","body":"theirs"},"vv":{"peer":1},"strategy":"vv","class":"data"}]"#,
+        );
+        assert_eq!(
+            Spi::get_one::<String>("SELECT body FROM docs WHERE id = 1"),
+            Ok(Some("mine".into()))
+        );
+        assert_eq!(
+            Spi::get_one::<String>(
+                "SELECT string_agg((row ->> 'body') || ':' || origin || ':' || in_table, ', ' ORDER BY stamp) FROM foreshadow.siblings"
+            ),
+            Ok(Some("theirs:peer:false, mine:test-region:true".into()))
+        );
+        assert_eq!(
+            Spi::get_two::<String, String>("SELECT resolved_by, outcome FROM foreshadow.conflicts"),
+            Ok((Some("local".into()), Some("siblings kept".into())))
+        );
+        Spi::run(r#"SELECT foreshadow.resolve('public.docs', '{"id": 1}', '{"id": "1", "body": "both"}')"#)
+            .unwrap();
+        assert_eq!(
+            Spi::get_one::<String>("SELECT body FROM docs WHERE id = 1"),
+            Ok(Some("both".into()))
+        );
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM foreshadow.siblings"),
+            Ok(Some(0))
+        );
+        assert_eq!(
+            error_of(|| Spi::run(
+                r#"SELECT foreshadow.resolve('public.docs', '{"id": 1}', '{"id": 2}')"#
+            )
+            .unwrap()),
+            r#"row {"id": 2} does not have primary key {"id": 1}"#
         );
     }
 

@@ -1,7 +1,9 @@
 //! The fallback clock of docs/shadow-protocol.md (R5): an open conflict on
 //! this region's primary that has waited past `foreshadow.shadow_deadline`
 //! for its owner's resolution is resolved here, by the primary, with the
-//! same function (`foreshadow.resolve_overdue()`). The deadlines are the
+//! same function (`foreshadow.resolve_overdue()`, which also resolves at
+//! once the open conflicts of keys this region has become the owner of,
+//! R7). The deadlines are the
 //! primary's durable `detected_at`, so a restarted sidecar picks them up
 //! where they were (R6). A primary that is down is waited for.
 
@@ -40,7 +42,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) {
                     if n > 0 {
                         tracing::warn!(
                             resolved = n,
-                            "resolved conflicts here whose shadow's resolution did not come within foreshadow.shadow_deadline"
+                            "resolved open conflicts here: overdue (no resolution from their shadow within foreshadow.shadow_deadline), or of keys whose shadow this region has become"
                         );
                     }
                 }

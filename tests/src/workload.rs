@@ -10,19 +10,30 @@ pub const ACCOUNTS_DDL: &str =
     "CREATE TABLE public.accounts (id bigint PRIMARY KEY, region text NOT NULL, \
      balance bigint NOT NULL, note text); SELECT foreshadow.make_global('public.accounts');";
 
+macro_rules! carts_table {
+    () => {
+        "CREATE TABLE public.carts (id bigint PRIMARY KEY, items text[] NOT NULL); \
+         CREATE FUNCTION public.cart_merge(base public.carts, local public.carts, remote public.carts) \
+         RETURNS public.carts LANGUAGE sql IMMUTABLE \
+         AS $$ SELECT ROW(local.id, local.items || ARRAY(SELECT x FROM unnest(remote.items) AS x \
+                                                     WHERE x <> ALL (local.items)))::public.carts $$;"
+    };
+}
+
 /// A shopping cart per key whose concurrent versions are merged by a
 /// non-commutative function: the accumulated items in their order, then
 /// the next version's items not in it yet. Every added item is kept, once;
 /// the order depends on the order the versions are folded in, so regions
 /// that fold in different orders end with different rows.
-pub const CARTS_DDL: &str =
-    "CREATE TABLE public.carts (id bigint PRIMARY KEY, items text[] NOT NULL); \
-     CREATE FUNCTION public.cart_merge(base public.carts, local public.carts, remote public.carts) \
-     RETURNS public.carts LANGUAGE sql IMMUTABLE \
-     AS $$ SELECT ROW(local.id, local.items || ARRAY(SELECT x FROM unnest(remote.items) AS x \
-                                                 WHERE x <> ALL (local.items)))::public.carts $$; \
-     SELECT foreshadow.make_global('public.carts', strategy => 'merge', \
-            merge_function => 'public.cart_merge(public.carts, public.carts, public.carts)');";
+pub const CARTS_DDL: &str = concat!(
+    carts_table!(),
+    " SELECT foreshadow.make_global('public.carts', strategy => 'merge', \
+       merge_function => 'public.cart_merge(public.carts, public.carts, public.carts)');"
+);
+
+/// The carts table and its merge function alone (for engines that have
+/// no merge: the benchmark's pglogical run).
+pub const CARTS_TABLE_DDL: &str = carts_table!();
 
 /// `cart_merge` of CARTS_DDL, for oracles: `acc`'s items, then `next`'s
 /// that `acc` does not have.
