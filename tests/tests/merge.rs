@@ -143,3 +143,102 @@ async fn every_committed_item_is_kept_once_under_concurrent_writers() {
     }
     assert!(merged > 0, "the writers raced");
 }
+
+/// A merge function that raises, returns NULL or runs past
+/// foreshadow.merge_timeout: the conflict is resolved by last writer wins
+/// over the same leaves, the same in every region; the failure is kept
+/// with the error where the function ran (the table's shadow); and
+/// replication of everything else goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_merge_function_falls_back_and_replication_goes_on() {
+    let (lab, r) = carts_lab("merge-fails", &["seed"]).await;
+    lab.everywhere(
+        "CREATE OR REPLACE FUNCTION public.cart_merge(base public.carts, local public.carts, remote public.carts) \
+         RETURNS public.carts LANGUAGE plpgsql IMMUTABLE AS $$ \
+         BEGIN \
+           IF 'boom-0' = ANY (local.items || remote.items) THEN RAISE EXCEPTION 'cart % went boom', local.id; END IF; \
+           IF 'null-1' = ANY (local.items || remote.items) THEN RETURN NULL; END IF; \
+           IF 'sleep-2' = ANY (local.items || remote.items) THEN PERFORM pg_catalog.pg_sleep(30); END IF; \
+           RETURN ROW(local.id, local.items || remote.items)::public.carts; \
+         END $$",
+    )
+    .await
+    .unwrap();
+    for region in &r {
+        lab.fault(region, Fault::Cut).unwrap();
+    }
+    let poison = ["boom-0", "null-1", "sleep-2"];
+    for region in &r {
+        let c = lab.client(region).await.unwrap();
+        for (k, bad) in poison.iter().enumerate() {
+            let item = if region == &r[0] {
+                bad.to_string()
+            } else {
+                format!("{region}-{k}")
+            };
+            c.execute(
+                "UPDATE carts SET items = items || $2::text WHERE id = $1",
+                &[&(k as i64), &item],
+            )
+            .await
+            .unwrap();
+        }
+    }
+    for region in &r {
+        lab.fault(region, Fault::Heal).unwrap();
+    }
+    lab.wait_identical(&["public.carts"], CONVERGE)
+        .await
+        .unwrap();
+    // Everything else replicates meanwhile and after.
+    common::barrier(&lab, &r[1], &r, 900).await;
+    let owner = text_in(
+        &lab,
+        &r[0],
+        "SELECT shadows[1] FROM foreshadow.global_tables WHERE table_name = 'carts'::regclass",
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    common::wait_for(
+        &lab,
+        &owner,
+        "SELECT string_agg(key ->> 'id' || ': ' || error, '; ' ORDER BY key ->> 'id') \
+           FROM (SELECT DISTINCT ON (key) key, error FROM foreshadow.conflict_failures ORDER BY key, id) f",
+        Some(
+            "0: merge function public.cart_merge raised: cart 0 went boom; \
+             1: merge function public.cart_merge returned NULL; \
+             2: merge function public.cart_merge ran past foreshadow.merge_timeout (1000 ms)",
+        ),
+        CONVERGE,
+    )
+    .await
+    .unwrap();
+    for region in &r {
+        let outcomes = text_in(
+            &lab,
+            region,
+            "SELECT string_agg(DISTINCT outcome, ', ') FROM foreshadow.conflicts WHERE outcome NOT LIKE 'pre-staged%'",
+        )
+        .await
+        .unwrap();
+        if region == &owner {
+            assert_eq!(
+                outcomes.as_deref(),
+                Some("merge failed: last writer wins"),
+                "{region}"
+            );
+        }
+    }
+    // Last writer wins: each cart is one region's version, whole.
+    let got = carts(&lab, &r[0]).await;
+    for (k, items) in &got {
+        if *k < poison.len() as i64 {
+            assert_eq!(
+                items.len(),
+                2,
+                "cart {k}: one version, not a merge: {items:?}"
+            );
+        }
+    }
+}
