@@ -116,14 +116,13 @@ fn call(heap: &Heap, t: &Table, key: &Row, acc: &Row, next: &Row) -> Result<Row,
         heap.composite(&heap.values(next)),
     ];
     let timeout = crate::gucs::MERGE_TIMEOUT_MS.get();
-    let result = in_subtransaction(|| {
-        as_owner(t.owner, || unsafe {
-            enable_timeout_after(STATEMENT_TIMEOUT, timeout);
-            let row = run_call(heap, t, &sql, &args);
-            disable_timeout(STATEMENT_TIMEOUT, false);
-            row
-        })
-    });
+    // Armed around the subtransaction, and disarmed whatever it raised:
+    // left armed, it would cancel the rest of the apply. (An error that
+    // raises on aborts the transaction, which disarms every timeout.)
+    unsafe { enable_timeout_after(STATEMENT_TIMEOUT, timeout) };
+    let result =
+        in_subtransaction(|| as_owner(t.owner, || unsafe { run_call(heap, t, &sql, &args) }));
+    unsafe { disable_timeout(STATEMENT_TIMEOUT, false) };
     let row = match result {
         Ok(Some(row)) => row,
         Ok(None) => return Err(format!("merge function {function} returned NULL")),

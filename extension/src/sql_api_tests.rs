@@ -470,6 +470,9 @@ mod tests {
                 "merge function public.cart_merge raised: no boom".into()
             ))
         );
+        // The merge call's timeout is not left armed by its error: this
+        // outlasts foreshadow.merge_timeout (1 s) and is not cancelled.
+        Spi::run("SELECT pg_sleep(1.2)").unwrap();
         assert_eq!(
             Spi::get_one::<String>(
                 "SELECT outcome FROM foreshadow.conflicts ORDER BY id DESC LIMIT 1"
