@@ -173,7 +173,7 @@ async fn drive(lab: &Lab, opts: &DemoOptions) -> Result<(), String> {
         );
     }
     println!(
-        "== conflicts each region resolved on arrival (foreshadow.conflicts), by kind and outcome"
+        "== accounts (lww): conflicts each region resolved on arrival (foreshadow.conflicts), by kind and outcome"
     );
     for r in &lab.spec.regions {
         let kinds: Vec<String> = lab
@@ -181,7 +181,7 @@ async fn drive(lab: &Lab, opts: &DemoOptions) -> Result<(), String> {
             .await?
             .query(
                 "SELECT kind || ': ' || count(*) || ' (' || string_agg(DISTINCT outcome, ', ') || ')' \
-                   FROM foreshadow.conflicts GROUP BY kind ORDER BY kind",
+                   FROM foreshadow.conflicts WHERE table_name = 'accounts'::regclass GROUP BY kind ORDER BY kind",
                 &[],
             )
             .await
