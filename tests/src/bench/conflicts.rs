@@ -283,7 +283,7 @@ async fn carts_modes(lab: &Lab, opts: &BenchOptions, engine: Engine) -> Result<V
     let first = &lab.spec.regions[0].name;
     if engine != Engine::Foreshadow {
         lab.everywhere(&format!(
-            "{CARTS_TABLE_DDL} INSERT INTO carts SELECT g, '{{}}' FROM generate_series(1, {}) g",
+            "{CARTS_TABLE_DDL} INSERT INTO carts SELECT g, '{{}}' FROM generate_series(0, {} - 1) g",
             opts.hot_keys
         ))
         .await?;
@@ -294,7 +294,7 @@ async fn carts_modes(lab: &Lab, opts: &BenchOptions, engine: Engine) -> Result<V
     lab.client(first)
         .await?
         .execute(
-            "INSERT INTO carts SELECT g, '{}' FROM generate_series(1, $1::int) g",
+            "INSERT INTO carts SELECT g, '{}' FROM generate_series(0, $1::int - 1) g",
             &[&(opts.hot_keys as i32)],
         )
         .await
