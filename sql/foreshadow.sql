@@ -132,10 +132,12 @@ CREATE TABLE foreshadow.conflict_log (
     -- Strategy merge: how many times the merge function ran for it here.
     merge_calls   integer NOT NULL DEFAULT 0,
     resolved_at   timestamptz DEFAULT clock_timestamp(),
-    CHECK ((resolved_by IS NULL) = (resolved_at IS NULL))
+    CHECK ((resolved_by IS NULL) = (resolved_at IS NULL)),
+    CHECK ((resolved_by IS NULL) = (outcome IS NULL))
 );
--- Open conflicts, for the fallback's deadline (resolve_overdue).
-CREATE INDEX conflict_log_open ON foreshadow.conflict_log (detected_at) WHERE resolved_at IS NULL;
+-- Open conflicts, by row: closed by their resolution, read by the
+-- fallback's deadline (resolve_overdue).
+CREATE INDEX conflict_log_open ON foreshadow.conflict_log (relid, key) WHERE resolved_at IS NULL;
 
 -- Conflicts that could not be resolved as configured (a merge function
 -- that raised, returned NULL or another row, or ran past
@@ -224,19 +226,22 @@ SELECT c.id, c.detected_at, c.relid::regclass AS table_name, c.key::jsonb AS key
        extract(epoch FROM c.resolved_at - c.detected_at) * 1000 AS resolution_ms
   FROM foreshadow.conflict_log c
  WHERE c.detected_at >= now() - current_setting('foreshadow.conflict_retention')::interval
+    OR c.resolved_at IS NULL
  ORDER BY c.id DESC;
 
 -- Strategy vv: the concurrent versions each row keeps (its siblings),
 -- one row each, in canonical (stamp) order; in_table marks the one the
 -- table shows. Only rows of tables the caller may read.
-CREATE VIEW foreshadow.siblings AS
+CREATE VIEW foreshadow.siblings WITH (security_barrier) AS
 SELECT v.relid::regclass AS table_name, v.key::jsonb AS key, l.leaf -> 'row' AS row,
        l.leaf ->> 'origin' AS origin, foreshadow.hlc_text((l.leaf ->> 'hlc')::bigint) AS stamp,
        l.leaf -> 'vv' AS vv, l.n = jsonb_array_length(v.leaves::jsonb) AS in_table
   FROM foreshadow.row_versions v
   JOIN foreshadow.tables t ON t.relid = v.relid AND t.strategy = 'vv'
  CROSS JOIN LATERAL jsonb_array_elements(v.leaves::jsonb) WITH ORDINALITY AS l(leaf, n)
- WHERE v.leaves IS NOT NULL AND has_table_privilege(v.relid, 'SELECT');
+ WHERE v.leaves IS NOT NULL AND has_table_privilege(v.relid, 'SELECT')
+   -- Row-level security would not filter these rows: not shown at all.
+   AND NOT (SELECT c.relrowsecurity FROM pg_class c WHERE c.oid = v.relid);
 
 -- Strategy vv: writes row_value (column -> value, as in foreshadow.siblings)
 -- as the row with primary key `key`, with the caller's rights, through the
@@ -340,6 +345,12 @@ BEGIN
                   DETAIL = format('It is %s(%s) RETURNS %s%s.', merge_function::regproc, pg_get_function_arguments(merge_function),
                                   CASE WHEN p.proretset THEN 'SETOF ' ELSE '' END, p.prorettype::regtype),
                   HINT = format('A merge function is %s.', expected);
+    END IF;
+    IF p.proisstrict THEN
+        RAISE EXCEPTION 'merge function % is STRICT', merge_function
+            USING ERRCODE = 'invalid_function_definition',
+                  DETAIL = 'Its base argument is NULL, so a STRICT function would never run: every conflict would fall back to last writer wins.',
+                  HINT = format('ALTER FUNCTION %s CALLED ON NULL INPUT.', merge_function);
     END IF;
     IF p.provolatile <> 'i' THEN
         RAISE EXCEPTION 'merge function % is not IMMUTABLE', merge_function

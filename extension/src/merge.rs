@@ -119,18 +119,28 @@ fn call(heap: &Heap, t: &Table, key: &Row, acc: &Row, next: &Row) -> Result<Row,
     // Armed around the subtransaction, and disarmed whatever it raised:
     // left armed, it would cancel the rest of the apply. (An error that
     // raises on aborts the transaction, which disarms every timeout.)
+    let started = std::time::Instant::now();
     unsafe { enable_timeout_after(STATEMENT_TIMEOUT, timeout) };
     let result =
         in_subtransaction(|| as_owner(t.owner, || unsafe { run_call(heap, t, &sql, &args) }));
     unsafe { disable_timeout(STATEMENT_TIMEOUT, false) };
+    // Whether this timeout is what cancelled the call, not an operator's
+    // pg_cancel_backend, which must cancel the apply itself. (PostgreSQL
+    // resets the timeout's indicator as it reports the cancel.)
+    let timed_out = started.elapsed() >= std::time::Duration::from_millis(timeout as u64);
     let row = match result {
         Ok(Some(row)) => row,
         Ok(None) => return Err(format!("merge function {function} returned NULL")),
-        Err(e) if e.code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED => {
+        Err(e) if e.code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED && timed_out => {
             return Err(format!(
                 "merge function {function} ran past foreshadow.merge_timeout ({timeout} ms)"
             ))
         }
+        Err(e) if e.code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED => crate::errors::raise(
+            PgSqlErrorCode::ERRCODE_QUERY_CANCELED,
+            e.message,
+            "The merge call was cancelled from outside; the peer transaction is applied again.",
+        ),
         Err(e) => return Err(format!("merge function {function} raised: {}", e.message)),
     };
     if let Some(c) = key.keys().find(|c| row.get(*c) != key.get(*c)) {
@@ -185,15 +195,15 @@ unsafe fn run_call(heap: &Heap, t: &Table, sql: &str, args: &[pg_sys::Datum; 2])
 }
 
 /// An error the merge function raised (or its timeout).
-struct Raised {
-    code: PgSqlErrorCode,
-    message: String,
+pub struct Raised {
+    pub code: PgSqlErrorCode,
+    pub message: String,
 }
 
 /// Runs `f` in a subtransaction: its result, or the error it raised (then
 /// everything it did is rolled back). Errors that are the server's, not
 /// the function's (resources, system, internal), raise on.
-fn in_subtransaction<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, Raised> {
+pub fn in_subtransaction<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, Raised> {
     unsafe {
         let cxt = pg_sys::CurrentMemoryContext;
         let owner = pg_sys::CurrentResourceOwner;

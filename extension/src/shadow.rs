@@ -210,6 +210,9 @@ fn apply_write(
     let leaves = strategy::frontier(leaves);
     if leaves.len() == 1 {
         let o = decide(x, cur);
+        if was_open {
+            conflicts::close(client, at.t.relid, at.key_text, "local", SUPERSEDED, 0);
+        }
         if let Some(c) = &o.conflict {
             conflicts::record(client, at.t, i, at.key_text, c);
         }
@@ -283,6 +286,7 @@ fn adopt(
     all.extend(resolution.iter().cloned());
     let all = strategy::frontier(all);
     for l in resolution {
+        crate::clock::admit(l.hlc);
         crate::clock::observe(l.hlc);
     }
     let relation = here.map_or(Causality::Dominates, |h| i.vv.compare(&h.vv));
@@ -303,48 +307,91 @@ fn adopt(
             }
         }
     };
+    let still_open = leaves::open(&all, &version.vv);
+    let existed = matches!(at.state, RowState::Locked(_));
+    let kind = conflicts::kind(i.op, here, existed, true).unwrap_or("update_origin_differs");
+    let conflict = |resolved_by, outcome, merge_calls| Conflict {
+        kind,
+        local: here.cloned(),
+        outcome,
+        merge_calls,
+        resolved_by,
+    };
+    if still_open && resolver(at.t, at.key_map) == Some("shadow") {
+        // R3: the resolution made this region, the key's owner, learn of
+        // a larger conflict: resolve it now.
+        let r = resolve(client, at, cur.as_ref(), &all, true);
+        let c = conflict(Some("shadow"), r.outcome, r.calls);
+        if !conflicts::close(
+            client,
+            at.t.relid,
+            at.key_text,
+            "shadow",
+            r.outcome,
+            r.calls,
+        ) {
+            conflicts::record(client, at.t, i, at.key_text, &c);
+        }
+        return Outcome {
+            changed: true,
+            conflict: Some(c),
+        };
+    }
     if changed {
         put_row(at, i.row.as_ref());
     }
-    let still_open = leaves::open(&all, &version.vv);
     at.store
         .write(cur.as_ref(), at.t.relid, at.key_text, &version);
+    if still_open {
+        // Still waiting, for a larger conflict: its deadline runs from now
+        // if none was running.
+        let c = conflict(None, "", 0);
+        if !was_open {
+            conflicts::record(client, at.t, i, at.key_text, &c);
+        }
+        return Outcome {
+            changed,
+            conflict: (!was_open).then_some(c),
+        };
+    }
     // From the key's owner, or a region that fell back.
     let by = if resolver_of(at.t, at.key_map) == Some(i.origin.as_str()) {
         "shadow"
     } else {
         "fallback"
     };
-    let mut conflict = None;
-    if changed && !still_open {
-        let outcome = "pre-staged";
-        if !(was_open && conflicts::close(client, at.t.relid, at.key_text, by, outcome, 0)) {
-            // No conflict was open here: the resolution came before (some
-            // of) the writes it resolves.
-            let existed = matches!(at.state, RowState::Locked(_));
-            let kind =
-                conflicts::kind(i.op, here, existed, true).unwrap_or("update_origin_differs");
-            let c = Conflict {
-                kind,
-                local: here.cloned(),
-                outcome: "pre-staged before its writes arrived",
-                merge_calls: 0,
-                resolved_by: Some(by),
-            };
-            conflicts::record(client, at.t, i, at.key_text, &c);
-            conflict = Some(c);
-        }
+    let outcome = if changed { "pre-staged" } else { SUPERSEDED };
+    if was_open && conflicts::close(client, at.t.relid, at.key_text, by, outcome, 0) {
+        return Outcome {
+            changed,
+            conflict: None,
+        };
     }
-    Outcome { changed, conflict }
+    if !changed {
+        return Outcome::default();
+    }
+    // No conflict was open here: the resolution came before (some of) the
+    // writes it resolves.
+    let c = conflict(Some(by), "pre-staged before its writes arrived", 0);
+    conflicts::record(client, at.t, i, at.key_text, &c);
+    Outcome {
+        changed,
+        conflict: Some(c),
+    }
 }
+
+/// The outcome of an open conflict that a later version ended: a write,
+/// or a resolution, that had seen every leaf.
+const SUPERSEDED: &str = "superseded by a version that saw every leaf";
 
 /// The region hosting the owner of row `key` of `t`, if it has shadows.
 fn resolver_of<'a>(t: &'a Table, key: &Row) -> Option<&'a str> {
     owner(&key_bytes(&t.schema, &t.name, key), &t.shadows).map(String::as_str)
 }
 
-/// Open conflicts, oldest first, and whether each is past the deadline.
-const OPEN_SQL: &str = "SELECT relid::pg_catalog.text, key, (pg_catalog.min(detected_at) OPERATOR(pg_catalog.<) \
+/// Open conflicts, oldest first, and whether each is past the deadline
+/// (from its latest entry: a conflict that grew waits afresh).
+const OPEN_SQL: &str = "SELECT relid::pg_catalog.text, key, (pg_catalog.max(detected_at) OPERATOR(pg_catalog.<) \
            (pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => $1::pg_catalog.float8 OPERATOR(pg_catalog./) 1000)))::pg_catalog.text \
      FROM foreshadow.conflict_log WHERE resolved_at IS NULL \
      GROUP BY relid, key ORDER BY pg_catalog.min(id) LIMIT 1000";
@@ -361,6 +408,8 @@ const OPEN_SQL: &str = "SELECT relid::pg_catalog.text, key, (pg_catalog.min(dete
 fn resolve_overdue() -> i64 {
     crate::canonical::applying(false);
     Spi::connect_mut(|client| {
+        // A row a client holds is skipped this round, not waited for.
+        crate::spi::run_kept(client, LOCK_TIMEOUT_SQL, &[], &[]);
         let deadline = crate::gucs::SHADOW_DEADLINE_MS.get();
         let due = crate::spi::run_kept(
             client,
@@ -368,53 +417,76 @@ fn resolve_overdue() -> i64 {
             &[pg_sys::TEXTOID],
             &[deadline.to_string().into()],
         );
-        let mut heaps = crate::heap::Heaps::default();
         let mut resolved = 0;
         for row in due {
             let [Some(relid), Some(key_text), Some(overdue)] = &row[..] else {
                 continue;
             };
             let relid = pg_sys::Oid::from(relid.parse::<u32>().unwrap_or(0));
-            let (Some(t), Ok(key_map)) = (
-                crate::catalog::table_by_relid(client, relid),
-                serde_json::from_str::<Row>(key_text),
-            ) else {
-                continue;
-            };
-            let by = match resolver(&t, &key_map) {
-                Some("shadow") => "shadow",
-                _ if overdue == "true" => "fallback",
-                _ => continue,
-            };
-            let versions = crate::catalog::versions(client);
-            let (heap, store) = (heaps.get(&t), Store::new(heaps.get(&versions)));
-            let key = heap.values(&key_map);
-            let state = heap.find(&key).map_or(RowState::Absent, RowState::Locked);
-            let cur = store.find(t.relid, key_text);
-            let here = cur.as_ref().map(|f| &f.version);
-            let leaves = here
-                .map(|h| leaves_of(&heap, Some(h), state))
-                .unwrap_or_default();
-            let at = At {
-                t: &t,
-                heap: &heap,
-                store: &store,
-                state,
-                key: &key,
-                key_text,
-                key_map: &key_map,
-            };
-            let open = here.is_some_and(|h| leaves::open(&leaves, &h.vv));
-            if !open {
-                // Resolved meanwhile (its resolution's record was lost to a
-                // crash between the two): nothing left to do.
-                conflicts::close(client, relid, key_text, "shadow", "pre-staged", 0);
-                continue;
+            // Each row in a subtransaction of its own: one that cannot be
+            // resolved now (a lock, a constraint the merged row breaks)
+            // holds up no other.
+            let one = std::panic::AssertUnwindSafe(|| {
+                resolve_open(client, relid, key_text, overdue == "true")
+            });
+            match crate::merge::in_subtransaction(one) {
+                Ok(done) => resolved += done as i64,
+                Err(e) => pgrx::warning!(
+                    "foreshadow: the open conflict of row {key_text} of table {relid:?} could not be resolved now: {}; it is tried again",
+                    e.message
+                ),
             }
-            let r = resolve(client, at, cur.as_ref(), &leaves, true);
-            conflicts::close(client, relid, key_text, by, r.outcome, r.calls);
-            resolved += 1;
         }
         resolved
     })
+}
+
+const LOCK_TIMEOUT_SQL: &str = "SELECT pg_catalog.set_config('lock_timeout', '200ms', true)";
+
+/// Resolves the open conflict of row `key_text` of `relid` here if this
+/// region is its owner, or it is `overdue`; whether it did.
+fn resolve_open(
+    client: &mut SpiClient<'_>,
+    relid: pg_sys::Oid,
+    key_text: &str,
+    overdue: bool,
+) -> bool {
+    let (Some(t), Ok(key_map)) = (
+        crate::catalog::table_by_relid(client, relid),
+        serde_json::from_str::<Row>(key_text),
+    ) else {
+        return false;
+    };
+    let by = match resolver(&t, &key_map) {
+        Some("shadow") => "shadow",
+        _ if overdue => "fallback",
+        _ => return false,
+    };
+    let mut heaps = crate::heap::Heaps::default();
+    let versions = crate::catalog::versions(client);
+    let (heap, store) = (heaps.get(&t), Store::new(heaps.get(&versions)));
+    let key = heap.values(&key_map);
+    let state = heap.find(&key).map_or(RowState::Absent, RowState::Locked);
+    let cur = store.find(t.relid, key_text);
+    let here = cur.as_ref().map(|f| &f.version);
+    let leaves = here
+        .map(|h| leaves_of(&heap, Some(h), state))
+        .unwrap_or_default();
+    if !here.is_some_and(|h| leaves::open(&leaves, &h.vv)) {
+        // Ended meanwhile without its entry being closed: close it.
+        conflicts::close(client, relid, key_text, "local", SUPERSEDED, 0);
+        return false;
+    }
+    let at = At {
+        t: &t,
+        heap: &heap,
+        store: &store,
+        state,
+        key: &key,
+        key_text,
+        key_map: &key_map,
+    };
+    let r = resolve(client, at, cur.as_ref(), &leaves, true);
+    conflicts::close(client, relid, key_text, by, r.outcome, r.calls);
+    true
 }

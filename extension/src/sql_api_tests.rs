@@ -635,7 +635,8 @@ mod tests {
         Spi::run(
             "CREATE FUNCTION public.two(a m, b m) RETURNS m LANGUAGE sql IMMUTABLE AS 'SELECT b'; \
              CREATE FUNCTION public.vol(a m, b m, c m) RETURNS m LANGUAGE sql AS 'SELECT c'; \
-             CREATE FUNCTION public.txt(a m, b m, c m) RETURNS text LANGUAGE sql IMMUTABLE AS 'SELECT NULL::text'",
+             CREATE FUNCTION public.txt(a m, b m, c m) RETURNS text LANGUAGE sql IMMUTABLE AS 'SELECT NULL::text'; \
+             CREATE FUNCTION public.strict(a m, b m, c m) RETURNS m LANGUAGE sql IMMUTABLE STRICT AS 'SELECT c'",
         )
         .unwrap();
         let error_of = |sql: &'static str| error_of(move || Spi::run(sql).unwrap());
@@ -654,6 +655,10 @@ mod tests {
         assert_eq!(
             error_of("SELECT foreshadow.make_global('public.m', strategy => 'merge', merge_function => 'public.vol(public.m,public.m,public.m)')"),
             "merge function public.vol(public.m,public.m,public.m) is not IMMUTABLE"
+        );
+        assert_eq!(
+            error_of("SELECT foreshadow.make_global('public.m', strategy => 'merge', merge_function => 'public.strict(public.m,public.m,public.m)')"),
+            "merge function public.strict(public.m,public.m,public.m) is STRICT"
         );
         assert_eq!(
             error_of("SELECT foreshadow.make_global('public.m', merge_function => 'public.vol(public.m,public.m,public.m)')"),

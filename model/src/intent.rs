@@ -131,6 +131,16 @@ impl Intent {
                     "has a version that is not the join of its leaves",
                 ))
             }
+            Some(leaves) if leaves.iter().map(|l| l.hlc).max() != Some(self.hlc) => {
+                return Err(IntentError::Resolution(
+                    "has a stamp that is not its highest leaf's",
+                ))
+            }
+            Some(leaves) if leaves.iter().any(|l| l.vv.get(&l.origin) == 0) => {
+                return Err(IntentError::Resolution(
+                    "has a leaf whose version has no entry for its origin",
+                ))
+            }
             _ => {}
         }
         if let Some((column, _)) = self.delta.iter().flatten().find(|(_, v)| !v.is_number()) {
@@ -218,6 +228,7 @@ mod tests {
         let leaf = |o: &str| json!({"vv": {o: 1}, "hlc": 1, "origin": o, "row": {"id": 7}});
         let mut v = sample();
         v["vv"] = json!({"eu": 1, "us": 1});
+        v["hlc"] = json!(1);
         v["resolves"] = json!([leaf("eu"), leaf("us")]);
         let i = decode(&v).unwrap();
         assert_eq!(i.resolves.as_ref().map(Vec::len), Some(2));
@@ -225,6 +236,9 @@ mod tests {
         v["resolves"] = json!([leaf("eu")]);
         assert!(matches!(decode(&v), Err(IntentError::Resolution(_))));
         v["resolves"] = json!([leaf("eu"), leaf("ap")]);
+        assert!(matches!(decode(&v), Err(IntentError::Resolution(_))));
+        v["resolves"] = json!([leaf("eu"), leaf("us")]);
+        v["hlc"] = json!(2);
         assert!(matches!(decode(&v), Err(IntentError::Resolution(_))));
     }
 
