@@ -165,6 +165,25 @@ fn resolve(
     }
 }
 
+/// The conflict entries `i` makes on a row whose version was `here`:
+/// given who resolved it (None: open), the outcome and the merge calls.
+fn conflict_of<'a>(
+    i: &'a Intent,
+    here: Option<&'a Version>,
+    state: RowState,
+    concurrent: bool,
+) -> impl Fn(Option<&'static str>, &'static str, i32) -> Conflict + 'a {
+    let existed = matches!(state, RowState::Locked(_));
+    let kind = conflicts::kind(i.op, here, existed, concurrent).unwrap_or("update_origin_differs");
+    move |resolved_by, outcome, merge_calls| Conflict {
+        kind,
+        local: here.cloned(),
+        outcome,
+        merge_calls,
+        resolved_by,
+    }
+}
+
 /// Applies a peer's write, or a resolution a peer published, to a row of
 /// a merge table. Records its conflicts itself.
 pub fn apply(client: &mut SpiClient<'_>, x: Target<'_>, cur: Option<Found>) -> Outcome {
@@ -218,16 +237,8 @@ fn apply_write(
         }
         return o;
     }
-    let existed = matches!(at.state, RowState::Locked(_));
     let concurrent = here.is_some_and(|h| h.vv.compare(&i.vv) == Causality::Concurrent);
-    let kind = conflicts::kind(i.op, here, existed, concurrent).unwrap_or("update_origin_differs");
-    let conflict = |resolved_by, outcome, merge_calls| Conflict {
-        kind,
-        local: here.cloned(),
-        outcome,
-        merge_calls,
-        resolved_by,
-    };
+    let conflict = conflict_of(i, here, at.state, concurrent);
     if let Some(by) = resolver(at.t, at.key_map) {
         let r = resolve(client, at, cur.as_ref(), &leaves, by == "shadow");
         let c = conflict(Some(by), r.outcome, r.calls);
@@ -308,15 +319,7 @@ fn adopt(
         }
     };
     let still_open = leaves::open(&all, &version.vv);
-    let existed = matches!(at.state, RowState::Locked(_));
-    let kind = conflicts::kind(i.op, here, existed, true).unwrap_or("update_origin_differs");
-    let conflict = |resolved_by, outcome, merge_calls| Conflict {
-        kind,
-        local: here.cloned(),
-        outcome,
-        merge_calls,
-        resolved_by,
-    };
+    let conflict = conflict_of(i, here, at.state, true);
     if still_open && resolver(at.t, at.key_map) == Some("shadow") {
         // R3: the resolution made this region, the key's owner, learn of
         // a larger conflict: resolve it now.
