@@ -222,10 +222,6 @@ async fn a_failing_merge_function_falls_back_and_replication_goes_on() {
         failed.await >= poison.len() as i64,
         "{owner}: every poisoned cart fell back"
     );
-    assert_eq!(
-        count("SELECT count(*) FROM foreshadow.conflicts WHERE outcome = 'merged'").await,
-        0
-    );
     // Last writer wins: each cart is one region's version, whole.
     let got = carts(&lab, &r[0]).await;
     for (k, items) in &got {
