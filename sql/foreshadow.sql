@@ -46,7 +46,9 @@ CREATE TABLE foreshadow.tables (
     counter_cols text[] NOT NULL DEFAULT '{}',
     -- Strategy merge: the function (base, local, remote) -> row that
     -- resolves concurrent versions (checked by make_global).
-    merge_function regprocedure CHECK ((strategy = 'merge') = (merge_function IS NOT NULL)),
+    -- Kept by its signature (schema-qualified), looked up on use: a function
+    -- dropped and created again with the same signature is the same one.
+    merge_function text CHECK ((strategy = 'merge') = (merge_function IS NOT NULL)),
     -- Strategy merge: the regions whose sidecars resolve its conflicts
     -- (shadows; each key's owner by ownership::owner), empty for none
     -- (every primary resolves on arrival); epoch counts the changes.
@@ -453,7 +455,7 @@ BEGIN
     END IF;
 
     INSERT INTO foreshadow.tables (relid, schema_name, table_name, strategy, pk_cols, merge_function, shadows)
-    VALUES (tbl, v_schema, v_table, strategy, v_pk, make_global.merge_function,
+    VALUES (tbl, v_schema, v_table, strategy, v_pk, make_global.merge_function::text,
             CASE WHEN strategy = 'merge'
                  THEN coalesce(foreshadow.checked_shadows(make_global.shadows), foreshadow.default_shadows(v_schema, v_table))
                  ELSE '{}' END);

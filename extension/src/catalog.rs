@@ -39,7 +39,7 @@ const RELID_SQL: &str = "SELECT relid FROM foreshadow.tables \
 const TABLE_SQL: &str = "SELECT c.oid, c.relowner, c.reltype, t.strategy, \
        (SELECT pg_catalog.format('%I.%I', pn.nspname, p.proname) FROM pg_catalog.pg_proc p \
           JOIN pg_catalog.pg_namespace pn ON pn.oid OPERATOR(pg_catalog.=) p.pronamespace \
-         WHERE p.oid OPERATOR(pg_catalog.=) t.merge_function), \
+         WHERE p.oid OPERATOR(pg_catalog.=) pg_catalog.to_regprocedure(t.merge_function)), \
        pg_catalog.format('%I.%I', n.nspname, c.relname), coalesce(t.counter_cols, '{}'), \
        pg_catalog.array_agg(a.attname::pg_catalog.text ORDER BY a.attnum), \
        pg_catalog.array_agg(a.attgenerated OPERATOR(pg_catalog.<>) '' ORDER BY a.attnum), \
