@@ -117,7 +117,7 @@ pub async fn run(opts: &BenchOptions, report: &mut Report) -> Result<(), String>
         "**Hot keys.** {} keys updated by one writer per region, {} regions, {} s, {} ms WAN. \
          Conflicts: Foreshadow counts the entries of its conflict history (`foreshadow.conflicts`: \
          a peer's write concurrent with the region's version of the row, or finding it missing); pglogical logs a `CONFLICT` for every remote change to a row \
-         last written by another origin. Without shadows yet, both resolve at each primary on apply.\n\n\
+         last written by another origin. These are lww tables: both engines resolve at each primary on apply (Foreshadow's shadows are for merge tables, below).\n\n\
          | engine | writes | converged after writes stopped (ms) | conflicts detected | resolved at |\n|---|---|---|---|---|\n",
         opts.hot_keys, opts.regions, opts.seconds, opts.wan_ms
     );
