@@ -240,7 +240,8 @@ async fn show_carts(lab: &Lab, items: &[(i64, String)]) -> Result<(), String> {
                 "SELECT count(*), count(*) FILTER (WHERE resolved_by = 'shadow' AND outcome = 'merged'), \
                         count(*) FILTER (WHERE outcome LIKE 'pre-staged%'), \
                         count(*) FILTER (WHERE outcome = 'pre-staged before its writes arrived'), \
-                        count(*) FILTER (WHERE resolved_by IN ('fallback', 'local')), coalesce(sum(merge_calls), 0), \
+                        count(*) FILTER (WHERE resolved_by IN ('fallback', 'local') AND outcome IN ('merged', 'merge failed: last writer wins')), \
+                        coalesce(sum(merge_calls), 0), \
                         (SELECT count(*) FROM foreshadow.conflict_failures) \
                    FROM foreshadow.conflicts WHERE table_name = 'carts'::regclass",
                 &[],

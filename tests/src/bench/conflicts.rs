@@ -319,8 +319,8 @@ async fn carts_modes(lab: &Lab, opts: &BenchOptions, engine: Engine) -> Result<V
 /// (by shadow, by primaries, adopted, pre-staged first, merge calls).
 const CART_CONFLICTS_SQL: &str =
     "SELECT count(*) FILTER (WHERE resolved_by = 'shadow' AND outcome = 'merged'), \
-       count(*) FILTER (WHERE resolved_by IN ('local', 'fallback') AND outcome <> 'pre-staged' \
-                          AND outcome NOT LIKE 'pre-staged%'), \
+       count(*) FILTER (WHERE resolved_by IN ('local', 'fallback') \
+                          AND outcome IN ('merged', 'merge failed: last writer wins')), \
        count(*) FILTER (WHERE outcome LIKE 'pre-staged%'), \
        count(*) FILTER (WHERE outcome = 'pre-staged before its writes arrived'), \
        coalesce(sum(merge_calls), 0)::bigint \
