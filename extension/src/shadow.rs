@@ -49,9 +49,7 @@ fn resolver(t: &Table, key: &Row) -> Option<&'static str> {
     if t.shadows.is_empty() || t.strategy == Some(Strategy::Vv) {
         return Some("local");
     }
-    let region = crate::gucs::region();
-    let bytes = key_bytes(&t.schema, &t.name, key);
-    (owner(&bytes, &t.shadows).map(String::as_str) == Some(region.as_str())).then_some("shadow")
+    (resolver_of(t, key) == Some(crate::gucs::region().as_str())).then_some("shadow")
 }
 
 /// The leaves of the row whose version is `here`: the ones it keeps, or
@@ -242,7 +240,10 @@ fn apply_write(
     if let Some(by) = resolver(at.t, at.key_map) {
         let r = resolve(client, at, cur.as_ref(), &leaves, by == "shadow");
         let c = conflict(Some(by), r.outcome, r.calls);
-        if !conflicts::close(client, at.t.relid, at.key_text, by, r.outcome, r.calls) {
+        // An entry is open here only if a leaf was (after a shadow-set
+        // change): otherwise no query to close one.
+        if !(was_open && conflicts::close(client, at.t.relid, at.key_text, by, r.outcome, r.calls))
+        {
             conflicts::record(client, at.t, i, at.key_text, &c);
         }
         return Outcome {

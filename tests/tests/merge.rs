@@ -6,8 +6,8 @@
 
 mod common;
 
-use common::carts::{add_one_item_each, carts, carts_lab, items_of, oracle, KEYS};
-use common::{scalar_i64, text_in, CONVERGE};
+use common::carts::{add_one_item_each, carts, carts_lab, items_of, oracle, shadow_of_carts, KEYS};
+use common::{fault_all, scalar_i64, CONVERGE};
 use foreshadow_lab::workload::{add_cart_items, cart_merge};
 use foreshadow_lab::Fault;
 use foreshadow_lab::Lab;
@@ -21,13 +21,9 @@ async fn concurrent_carts_merge_to_the_model_resolution_everywhere() {
 
     // Every region adds its own item to every cart while no region hears
     // from any other: three concurrent versions of each row.
-    for region in &r {
-        lab.fault(region, Fault::Cut).unwrap();
-    }
+    fault_all(&lab, &r, Fault::Cut);
     let writes = add_one_item_each(&lab, &r).await;
-    for region in &r {
-        lab.fault(region, Fault::Heal).unwrap();
-    }
+    fault_all(&lab, &r, Fault::Heal);
     lab.wait_identical(&["public.carts"], CONVERGE)
         .await
         .unwrap();
@@ -65,14 +61,7 @@ async fn concurrent_carts_merge_to_the_model_resolution_everywhere() {
     // resolved each key twice: when the second version met its own (one
     // call), then when the third joined them (two calls). Every other
     // region adopted its resolutions and never called the function.
-    let owner = text_in(
-        &lab,
-        &r[0],
-        "SELECT shadows[1] FROM foreshadow.global_tables WHERE table_name = 'carts'::regclass",
-    )
-    .await
-    .unwrap()
-    .expect("carts has a shadow");
+    let owner = shadow_of_carts(&lab, &r[0]).await;
     for region in &r {
         let count = |sql: &'static str| scalar_i64(&lab, region, sql);
         let merged =
@@ -164,9 +153,7 @@ async fn a_failing_merge_function_falls_back_and_replication_goes_on() {
     )
     .await
     .unwrap();
-    for region in &r {
-        lab.fault(region, Fault::Cut).unwrap();
-    }
+    fault_all(&lab, &r, Fault::Cut);
     let poison = ["boom-0", "null-1", "sleep-2"];
     for region in &r {
         let c = lab.client(region).await.unwrap();
@@ -184,22 +171,13 @@ async fn a_failing_merge_function_falls_back_and_replication_goes_on() {
             .unwrap();
         }
     }
-    for region in &r {
-        lab.fault(region, Fault::Heal).unwrap();
-    }
+    fault_all(&lab, &r, Fault::Heal);
     lab.wait_identical(&["public.carts"], CONVERGE)
         .await
         .unwrap();
     // Everything else replicates meanwhile and after.
     common::barrier(&lab, &r[1], &r, 900).await;
-    let owner = text_in(
-        &lab,
-        &r[0],
-        "SELECT shadows[1] FROM foreshadow.global_tables WHERE table_name = 'carts'::regclass",
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let owner = shadow_of_carts(&lab, &r[0]).await;
     common::wait_for(
         &lab,
         &owner,

@@ -8,20 +8,11 @@
 
 mod common;
 
-use common::carts::{add_one_item_each, carts, carts_lab, oracle};
-use common::{scalar_i64, text_in, CONVERGE};
+use common::carts::{
+    add_one_item_each, assert_carts_everywhere, carts, carts_lab, oracle, shadow_of_carts,
+};
+use common::{fault_all, scalar_i64, CONVERGE};
 use foreshadow_lab::{Fault, Lab};
-
-async fn shadow_of_carts(lab: &Lab, region: &str) -> String {
-    text_in(
-        lab,
-        region,
-        "SELECT shadows[1] FROM foreshadow.global_tables WHERE table_name = 'carts'::regclass",
-    )
-    .await
-    .unwrap()
-    .expect("carts has a shadow")
-}
 
 /// How region's cart conflicts were resolved: (by the shadow, by
 /// fallback, still open).
@@ -116,13 +107,7 @@ async fn without_the_shadow_primaries_fall_back_and_agree_then_it_resolves_again
         );
     }
     let (want, _) = oracle(&writes);
-    for region in &r {
-        assert_eq!(
-            carts(&lab, region).await,
-            want,
-            "{region}: the shadow's resolution"
-        );
-    }
+    assert_carts_everywhere(&lab, &r, &want, "the shadow's resolution").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,9 +115,7 @@ async fn a_shadow_set_change_in_flight_loses_nothing() {
     let (lab, r) = carts_lab("shadow-change", &["seed"]).await;
     let old = shadow_of_carts(&lab, &r[0]).await;
     let new = r.iter().find(|x| **x != old).unwrap().clone();
-    for region in &r {
-        lab.fault(region, Fault::Cut).unwrap();
-    }
+    fault_all(&lab, &r, Fault::Cut);
     let writes = add_one_item_each(&lab, &r).await;
     // Two regions move the shadow while cut off; the third still has the
     // old one when the conflicts meet, and moves it afterwards.
@@ -145,9 +128,7 @@ async fn a_shadow_set_change_in_flight_loses_nothing() {
             .await
             .unwrap();
     }
-    for region in &r {
-        lab.fault(region, Fault::Heal).unwrap();
-    }
+    fault_all(&lab, &r, Fault::Heal);
     lab.wait_identical(&["public.carts"], CONVERGE)
         .await
         .unwrap();

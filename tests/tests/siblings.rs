@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{lab, names, text_in, wait_for_everywhere, CONVERGE};
+use common::{fault_all, lab, names, text_in, wait_for_everywhere, CONVERGE};
 use foreshadow_lab::Fault;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,9 +27,7 @@ async fn concurrent_writes_stay_as_siblings_until_resolved() {
     lab.wait_identical(&["public.docs"], CONVERGE)
         .await
         .unwrap();
-    for region in &r {
-        lab.fault(region, Fault::Cut).unwrap();
-    }
+    fault_all(&lab, &r, Fault::Cut);
     for region in &r {
         lab.client(region)
             .await
@@ -41,9 +39,7 @@ async fn concurrent_writes_stay_as_siblings_until_resolved() {
             .await
             .unwrap();
     }
-    for region in &r {
-        lab.fault(region, Fault::Heal).unwrap();
-    }
+    fault_all(&lab, &r, Fault::Heal);
     // Every region: the three writes, nothing else, the same.
     let siblings = "SELECT string_agg((row ->> 'body') || '@' || origin || CASE WHEN in_table THEN '*' ELSE '' END, \
                     ', ' ORDER BY stamp, origin) FROM foreshadow.siblings WHERE table_name = 'docs'::regclass";

@@ -40,6 +40,30 @@ pub async fn carts_lab(name: &str, seed: &[&str]) -> (TestLab, Vec<String>) {
     (lab, r)
 }
 
+/// The region hosting the carts' shadow.
+pub async fn shadow_of_carts(lab: &Lab, region: &str) -> String {
+    super::text_in(
+        lab,
+        region,
+        "SELECT shadows[1] FROM foreshadow.global_tables WHERE table_name = 'carts'::regclass",
+    )
+    .await
+    .unwrap()
+    .expect("carts has a shadow")
+}
+
+/// Every one of `regions` holds the carts `want`.
+pub async fn assert_carts_everywhere(
+    lab: &Lab,
+    regions: &[String],
+    want: &BTreeMap<i64, Vec<String>>,
+    what: &str,
+) {
+    for region in regions {
+        assert_eq!(&carts(lab, region).await, want, "{region}: {what}");
+    }
+}
+
 /// A region's carts, by key.
 pub async fn carts(lab: &Lab, region: &str) -> BTreeMap<i64, Vec<String>> {
     let c = lab.client(region).await.unwrap();

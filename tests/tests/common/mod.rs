@@ -56,6 +56,13 @@ pub async fn lab_with(name: &str, regions: usize, wan_ms: u64, tls: bool) -> Tes
 
 pub const CONVERGE: Duration = Duration::from_secs(90);
 
+/// `fault` (a cut, a heal) on each of `regions`.
+pub fn fault_all(lab: &Lab, regions: &[String], fault: foreshadow_lab::Fault) {
+    for region in regions {
+        lab.fault(region, fault).unwrap();
+    }
+}
+
 pub fn names(lab: &Lab) -> Vec<String> {
     lab.spec.regions.iter().map(|r| r.name.clone()).collect()
 }
