@@ -83,6 +83,12 @@ CREATE TABLE foreshadow.row_versions (
     -- concurrent write is folded with all of them again (the resolution is
     -- a function of the leaf set, docs/shadow-protocol.md).
     leaves  text,
+    -- Tables with counter columns: column -> the model's
+    -- strategy::counter::Counter as JSON (each region's increments counted,
+    -- and those a delete or re-insert erased); the column's value is the
+    -- counter's, so regions that applied the same writes hold the same
+    -- number. NULL for other tables.
+    counters text,
     PRIMARY KEY (relid, key)
 )
 -- Every write updates its row's version in place: free space on each page

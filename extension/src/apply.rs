@@ -23,6 +23,7 @@
 
 use crate::catalog::{self, Table};
 use crate::conflicts::Conflict;
+use crate::counters::Counters;
 use crate::errors::raise;
 use crate::heap::{Heap, Heaps, Values};
 use crate::row_versions::{Found, Store, Version};
@@ -33,9 +34,7 @@ use pgrx::datum::TimestampWithTimeZone;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use pgrx::AnyNumeric;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 use std::rc::Rc;
 
 const REJECT_SQL: &str = "INSERT INTO foreshadow.dead_letters (origin, kind, reason, intent) \
@@ -121,77 +120,6 @@ pub fn reject(client: &mut SpiClient<'_>, origin: &str, why: Reject, reason: &st
     );
 }
 
-/// The counter columns' new values: the value here (NULL counts as 0)
-/// plus the intent's increment.
-fn add_increments(
-    heap: &Heap,
-    t: &Table,
-    i: &Intent,
-    local: Option<*mut pg_sys::TupleTableSlot>,
-    v: &mut Values,
-) {
-    let Some(delta) = &i.delta else {
-        return;
-    };
-    for c in t.counters.iter().filter_map(|c| t.column(c)) {
-        let Some(d) = delta.get(&c.name) else {
-            continue;
-        };
-        let here = local
-            .and_then(|l| heap.text_of(l, c))
-            .unwrap_or_else(|| "0".into());
-        heap.set(v, c, &Value::String(sum(&here, &d.to_string())));
-    }
-}
-
-/// `a + b`, exactly (integers in Rust, anything else in numeric).
-fn sum(a: &str, b: &str) -> String {
-    arithmetic(a, b, false)
-}
-
-/// `a - b`, exactly: a counter write's increment.
-pub fn difference(a: &str, b: &str) -> String {
-    arithmetic(a, b, true)
-}
-
-fn arithmetic(a: &str, b: &str, subtract: bool) -> String {
-    match (a.parse::<i128>(), b.parse::<i128>()) {
-        (Ok(x), Ok(y)) if subtract => (x - y).to_string(),
-        (Ok(x), Ok(y)) => (x + y).to_string(),
-        _ => {
-            let parse = |s: &str| {
-                AnyNumeric::try_from(s).unwrap_or_else(|e| {
-                    raise(
-                        PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
-                        format!("counter value {s:?} is not a number: {e}"),
-                        "Counter columns hold numbers.",
-                    )
-                })
-            };
-            let (x, y) = (parse(a), parse(b));
-            if subtract { x - y } else { x + y }.to_string()
-        }
-    }
-}
-
-/// The intent's row as values to write. Counter columns hold the
-/// increment added to the value here (`local`; none: to zero), except
-/// where the row is a tombstone here: then the write brings it back as the
-/// writer has it.
-fn row_values(
-    heap: &Heap,
-    t: &Table,
-    i: &Intent,
-    resurrects: bool,
-    local: Option<*mut pg_sys::TupleTableSlot>,
-) -> Values {
-    let mut v = heap.values(i.row.as_ref().unwrap_or(&i.key));
-    if !resurrects {
-        add_increments(heap, t, i, local, &mut v);
-    }
-    v
-}
-
 /// Checks that the intent fits this region's table: every column it
 /// carries exists here, and its counter columns are this region's. A
 /// mismatch stops the peer's lane (the transaction raises) until the
@@ -262,7 +190,9 @@ pub fn apply_intent(
             // concurrent insert of the same key makes this wait, then
             // raise (unique violation): the sidecar applies the peer
             // transaction again, and the row is found.
-            let mut values = row_values(&heap, t, i, false, None);
+            // Counter columns are set from the row's counters once its
+            // version is locked (`decide`).
+            let mut values = heap.values(i.row.as_ref().unwrap_or(&i.key));
             heap.fill_defaults(&mut values);
             heap.insert(&values);
             RowState::Inserted
@@ -347,6 +277,20 @@ pub fn decide(x: Target<'_>, cur: Option<Found>) -> Outcome {
         }),
     );
     let deleted_here = here.is_some_and(|c| c.deleted);
+    // Counter columns: the row's counters with this write counted (and
+    // what its reset erased), whether the rest of the write wins or not.
+    let counters = (!t.counters.is_empty()).then(|| {
+        let mut c = Counters::parse(here.and_then(|h| h.counters.as_deref()));
+        if let RowState::Locked(local) = row {
+            c.start_from(&t.counters, |col| {
+                t.column(col).and_then(|column| heap.text_of(local, column))
+            });
+        }
+        c.apply(i);
+        c
+    });
+    let stored = counters.as_ref().and_then(Counters::to_stored);
+    let counter_values = counters.map(|c| c.values(&t.counters));
     if !wins {
         // The version here supersedes this write: remember it was seen, and
         // keep its increments unless the row is deleted.
@@ -355,17 +299,14 @@ pub fn decide(x: Target<'_>, cur: Option<Found>) -> Outcome {
                 vv,
                 origin: h.origin.clone(),
                 leaves: h.leaves.clone(),
+                counters: stored,
                 ..*h
             };
             store.write(Some(found), t.relid, key_text, &seen);
         }
-        let changed = match row {
-            RowState::Locked(local)
-                if !deleted_here && i.delta.is_some() && !t.counters.is_empty() =>
-            {
-                let mut v = heap.values(&Map::new());
-                add_increments(heap, t, i, Some(local), &mut v);
-                heap.update(local, &v);
+        let changed = match (row, &counter_values) {
+            (RowState::Locked(local), Some(values)) if !deleted_here => {
+                heap.update(local, &heap.values(values));
                 true
             }
             _ => false,
@@ -382,14 +323,13 @@ pub fn decide(x: Target<'_>, cur: Option<Found>) -> Outcome {
     match (i.op, row) {
         (Op::Delete, RowState::Locked(local)) => heap.delete(local),
         (Op::Insert | Op::Update, RowState::Locked(local)) => {
-            let v = row_values(heap, t, i, deleted_here, Some(local));
-            heap.update(local, &v);
+            let mut image = i.row.clone().unwrap_or_else(|| i.key.clone());
+            image.extend(counter_values.into_iter().flatten());
+            heap.update(local, &heap.values(&image));
         }
-        // A row brought back over a tombstone takes the writer's counter
-        // values, not the increments it was inserted with.
-        (_, RowState::Inserted) if deleted_here && !t.counters.is_empty() => {
-            if let Some(local) = heap.find(key) {
-                heap.update(local, &row_values(heap, t, i, true, None));
+        (_, RowState::Inserted) => {
+            if let (Some(values), Some(local)) = (&counter_values, heap.find(key)) {
+                heap.update(local, &heap.values(values));
             }
         }
         _ => {}
@@ -400,6 +340,7 @@ pub fn decide(x: Target<'_>, cur: Option<Found>) -> Outcome {
         vv,
         deleted: i.op == Op::Delete,
         leaves: None,
+        counters: stored,
     };
     store.write(cur.as_ref(), t.relid, key_text, &new);
     Outcome {

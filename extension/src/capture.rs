@@ -4,16 +4,18 @@
 //! message, in the writer's own transaction. It runs for every written row,
 //! so it is Rust with one kept plan (it was plpgsql calling plpgsql).
 
+use crate::counters::Counters;
 use crate::row_versions::{Store, Version};
 use foreshadow_model::intent::{MESSAGE_PREFIX, WIRE_VERSION};
+use foreshadow_model::strategy::counter::Tally;
 use foreshadow_model::strategy::leaf::Leaf;
 use foreshadow_model::{Hlc, Intent, IntentClass, Op};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgTupleDesc;
-use serde_json::{Map, Value};
+use serde_json::{Map, Number, Value};
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
 /// What capture needs to know about a global table, from Foreshadow's
@@ -206,17 +208,25 @@ fn open_store() -> Store {
     Store::new(Rc::new(crate::heap::Heap::open(versions)))
 }
 
-/// Stamps one local write and emits its intent. `row` is the new row image
-/// (None for deletes), `delta` the counter increments.
-fn record(
-    store: &Store,
-    relid: pg_sys::Oid,
-    t: &TableArgs,
+/// One local write: the row's key, its image before (None for inserts) and
+/// after (None for deletes), and the counter increments.
+struct Write {
     op: Op,
     key: Map<String, Value>,
+    old: Option<Map<String, Value>>,
     row: Option<Map<String, Value>>,
     delta: Option<Map<String, Value>>,
-) {
+}
+
+/// Stamps one local write and emits its intent.
+fn record(store: &Store, relid: pg_sys::Oid, t: &TableArgs, w: Write) {
+    let Write {
+        op,
+        key,
+        old,
+        row,
+        delta,
+    } = w;
     let region = crate::gucs::region();
     let key_text = serde_json::to_string(&key).expect("a key serialises");
     // The row's new version: a stamp from the region's clock above the
@@ -229,6 +239,18 @@ fn record(
     let hlc = crate::clock::stamp_above(here.map_or(Hlc(0), |v| v.hlc));
     // R1: the write has seen the row's applied version, not the leaves of
     // a conflict still open on it, which stays open with this write in it.
+    let (counters, erases) = if t.counters.is_empty() {
+        (None, None)
+    } else {
+        let mut c = Counters::parse(here.and_then(|h| h.counters.as_deref()));
+        if let Some(old) = &old {
+            c.start_from(&t.counters, |col| {
+                old.get(col).and_then(Value::as_str).map(str::to_owned)
+            });
+        }
+        let erases = c.local_write(&region, &vv, op, delta.as_ref());
+        (c.to_stored(), erases)
+    };
     let leaves = here.and_then(|h| {
         let write = Leaf {
             vv: vv.clone(),
@@ -244,9 +266,10 @@ fn record(
         vv,
         deleted: op == Op::Delete,
         leaves,
+        counters,
     };
     store.write(found.as_ref(), relid, &key_text, &version);
-    emit_write(t, version, op, key, row, delta);
+    emit_write(t, version, op, key, row, delta, erases);
 }
 
 /// Emits the intent of a write whose version is `version`.
@@ -257,6 +280,7 @@ fn emit_write(
     key: Map<String, Value>,
     row: Option<Map<String, Value>>,
     delta: Option<Map<String, Value>>,
+    erases: Option<BTreeMap<String, Tally<Number>>>,
 ) {
     // The one wire type (model/src/intent.rs).
     emit(&Intent {
@@ -270,6 +294,7 @@ fn emit_write(
         row,
         vv: version.vv,
         delta,
+        erases,
         strategy: t.strategy.clone(),
         class: IntentClass::Data,
         resolves: None,
@@ -326,10 +351,13 @@ fn capture<'a>(
             &open_store(),
             relid,
             t,
-            Op::Delete,
-            key_of(o, &t.pk),
-            None,
-            None,
+            Write {
+                op: Op::Delete,
+                key: key_of(o, &t.pk),
+                old: old_row.clone(),
+                row: None,
+                delta: None,
+            },
         ),
         (_, Some(n)) => {
             let key = key_of(&n, &t.pk);
@@ -357,7 +385,14 @@ fn capture<'a>(
             }
             let delta =
                 (!t.counters.is_empty()).then(|| counter_delta(&t.counters, old_row.as_ref(), &n));
-            record(&open_store(), relid, t, op, key, Some(n), delta);
+            let w = Write {
+                op,
+                key,
+                old: old_row,
+                row: Some(n),
+                delta,
+            };
+            record(&open_store(), relid, t, w);
         }
         (None, None) => {}
     }
@@ -379,7 +414,7 @@ fn counter_delta(
                 _ => "0".into(),
             };
             let (n, o) = (text(new.get(c)), text(old.and_then(|r| r.get(c))));
-            let d = crate::apply::difference(&n, &o);
+            let d = crate::counters::difference(&n, &o);
             (
                 c.clone(),
                 serde_json::from_str(&d).unwrap_or(Value::from(0)),
@@ -433,7 +468,14 @@ fn announce_rows(tbl: pg_sys::Oid) {
     let store = open_store();
     each_row(&t, |row| {
         let key = key_of(&row, &t.pk);
-        record(&store, tbl, &t, Op::Insert, key, Some(row), None);
+        let w = Write {
+            op: Op::Insert,
+            key,
+            old: None,
+            row: Some(row),
+            delta: None,
+        };
+        record(&store, tbl, &t, w);
     });
 }
 
@@ -506,7 +548,7 @@ fn reannounce(tbl: pg_sys::Oid) -> i64 {
     each_row(&t, |row| {
         let key = key_of(&row, &t.pk);
         if let Some(v) = own(&key, false) {
-            emit_write(&t, v, Op::Insert, key, Some(row), None);
+            emit_write(&t, v, Op::Insert, key, Some(row), None, None);
             sent += 1;
         }
     });
@@ -533,7 +575,7 @@ fn reannounce(tbl: pg_sys::Oid) -> i64 {
             continue;
         };
         if let Some(v) = own(&key, true) {
-            emit_write(&t, v, Op::Delete, key, None, None);
+            emit_write(&t, v, Op::Delete, key, None, None, None);
             sent += 1;
         }
     }

@@ -188,7 +188,7 @@ impl Heap {
 
     /// Reads the carried columns of `row` (column → text or null) into
     /// datums with the columns' input functions; generated columns are left
-    /// for the executor to compute. Counter columns are not read here.
+    /// for the executor to compute.
     pub fn values(&self, row: &Map<String, Value>) -> Values {
         as_owner(self.table.owner, || self.values_of(row))
     }
@@ -212,10 +212,6 @@ impl Heap {
     }
 
     /// Sets one column from its text (or JSON null).
-    pub fn set(&self, v: &mut Values, c: &Column, value: &Value) {
-        as_owner(self.table.owner, || self.set_as_owner(v, c, value))
-    }
-
     fn set_as_owner(&self, v: &mut Values, c: &Column, value: &Value) {
         let i = c.attnum as usize - 1;
         v.set[i] = true;
@@ -311,9 +307,18 @@ impl Heap {
             let _cxt = Switch::to(self.cxt());
             let slot = self.fill(self.new, v, None);
             pg_sys::ExecSimpleRelationInsert(self.relinfo, self.estate, slot);
-            pg_sys::CommandCounterIncrement();
-            pg_sys::UpdateActiveSnapshotCommandId();
+            self.next_command();
         })
+    }
+
+    /// Makes this heap's last write visible to its next one: a row inserted
+    /// and then locked and updated in one intent (a counter row brought
+    /// back) is otherwise "invisible" to the lock, its command being the
+    /// current one.
+    unsafe fn next_command(&self) {
+        pg_sys::CommandCounterIncrement();
+        pg_sys::UpdateActiveSnapshotCommandId();
+        (*self.estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
     }
 
     /// Overwrites the set columns of the locked row `local`.
@@ -341,8 +346,7 @@ impl Heap {
             pg_sys::EvalPlanQualInit(&mut epq, self.estate, none, none.cast(), -1);
             f(&mut epq);
             pg_sys::EvalPlanQualEnd(&mut epq);
-            pg_sys::CommandCounterIncrement();
-            pg_sys::UpdateActiveSnapshotCommandId();
+            self.next_command();
         })
     }
 

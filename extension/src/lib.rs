@@ -10,6 +10,7 @@ mod capture;
 mod catalog;
 mod clock;
 mod conflicts;
+mod counters;
 mod dead_letters;
 mod errors;
 mod gucs;

@@ -23,6 +23,8 @@ pub struct Version {
     /// Strategy merge: the leaves this version resolved (a JSON array of
     /// the model's `Leaf`), while there is more than one.
     pub leaves: Option<String>,
+    /// Tables with counter columns: each one's counter (`counters`).
+    pub counters: Option<String>,
 }
 
 /// A stored version, locked by this transaction.
@@ -75,6 +77,7 @@ impl Store {
             vv: serde_json::from_str(&text("vv")).unwrap_or_default(),
             deleted: text("deleted") == "t",
             leaves: nullable("leaves"),
+            counters: nullable("counters"),
         };
         Some(Found { slot, version })
     }
@@ -89,6 +92,7 @@ impl Store {
             ("vv", Some(vv)),
             ("deleted", Some(v.deleted.to_string())),
             ("leaves", v.leaves.clone()),
+            ("counters", v.counters.clone()),
         ];
         match found {
             Some(f) => self.heap.update(f.slot, &self.values(&fields)),

@@ -130,6 +130,8 @@ fn resolve(
         vv: strategy::join(leaves),
         deleted: r.row.is_none(),
         leaves: leaves::stored(leaves),
+        // Counter columns are refused on merge and vv tables.
+        counters: None,
     };
     at.store.write(cur, at.t.relid, at.key_text, &version);
     if publish {
@@ -148,6 +150,7 @@ fn resolve(
             row: r.row.clone(),
             vv: version.vv,
             delta: None,
+            erases: None,
             strategy: Strategy::Merge.name().into(),
             class: IntentClass::Data,
             resolves: Some(leaves.to_vec()),
@@ -264,6 +267,7 @@ fn apply_write(
             vv: i.vv.clone(),
             deleted: i.op == Op::Delete,
             leaves: leaves::stored(&leaves),
+            counters: None,
         },
     };
     let changed = takes_it && put_row(at, i.row.as_ref());
@@ -316,6 +320,7 @@ fn adopt(
                 vv: i.vv.clone(),
                 deleted: i.row.is_none(),
                 leaves: leaves::stored(&all),
+                counters: None,
             }
         }
     };

@@ -684,15 +684,17 @@ mod tests {
     #[pg_test]
     fn counter_columns_add_increments_whoever_wins() {
         setup_counters();
-        let intent = |hlc: i64, n: i64, delta: i64, note: &str| {
+        // The peer's write number `w` (counters count each once, by it).
+        let intent = |w: i64, hlc: i64, n: i64, delta: i64, note: &str| {
             format!(
-                r#"[{{"v":2,"origin":"peer","hlc":{hlc},"schema":"public","table":"c","op":"update","key":{{"id":1}},"row":{{"id":1,"n":{n},"note":"{note}"}},"vv":{{"peer":{hlc}}},"delta":{{"n":{delta}}},"strategy":"lww","class":"data"}}]"#
+                r#"[{{"v":2,"origin":"peer","hlc":{hlc},"schema":"public","table":"c","op":"update","key":{{"id":1}},"row":{{"id":1,"n":{n},"note":"{note}"}},"vv":{{"peer":{w}}},"delta":{{"n":{delta}}},"strategy":"lww","class":"data"}}]"#
             )
         };
-        // A row the peer created with 5 and a later write that lost here:
-        // both increments count, the rest of the row follows the newer write.
-        apply(&intent(2000, 5, 5, "newer"));
-        apply(&intent(1000, 3, 3, "older"));
+        // A row the peer created with 5 and a later write that lost here
+        // (an older stamp): both increments count, the rest of the row
+        // follows the newer stamp.
+        apply(&intent(1, 2000, 5, 5, "newer"));
+        apply(&intent(2, 1000, 3, 3, "older"));
         assert_eq!(
             Spi::get_two::<i64, String>("SELECT n, note FROM c WHERE id = 1"),
             Ok((Some(8), Some("newer".into())))

@@ -7,10 +7,12 @@
 //! a well-formed intent is, so that a malformed one is refused with a reason
 //! instead of being half-applied.
 
+use crate::strategy::counter::Tally;
 use crate::strategy::leaf::Leaf;
 use crate::{Hlc, VersionVector};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::{Map, Number, Value};
+use std::collections::BTreeMap;
 
 /// The logical-decoding message prefix that marks Foreshadow intents.
 pub const MESSAGE_PREFIX: &str = "foreshadow";
@@ -57,6 +59,12 @@ pub struct Intent {
     /// table has no counter columns or for deletes.
     #[serde(default)]
     pub delta: Option<Map<String, Value>>,
+    /// Counter columns of a reset (a delete, or an insert of a row that was
+    /// not there): column → the increments its writer had counted, which
+    /// no longer count (`strategy::counter::Counter::erase`). `None` when
+    /// the writer had counted none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub erases: Option<BTreeMap<String, Tally<Number>>>,
     pub strategy: String,
     #[serde(default)]
     pub class: IntentClass,
@@ -85,6 +93,8 @@ pub enum IntentError {
     NoOriginEntry(String),
     #[error("intent's counter increment for column `{0}` is not a number")]
     DeltaNotNumber(String),
+    #[error("intent's erased counter tally for column `{0}` has a part of no writes")]
+    ErasesNoWrites(String),
     #[error("resolution {0}")]
     Resolution(&'static str),
 }
@@ -145,6 +155,14 @@ impl Intent {
         }
         if let Some((column, _)) = self.delta.iter().flatten().find(|(_, v)| !v.is_number()) {
             return Err(IntentError::DeltaNotNumber(column.clone()));
+        }
+        if let Some((column, _)) = self
+            .erases
+            .iter()
+            .flatten()
+            .find(|(_, t)| t.0.values().any(|p| p.writes == 0))
+        {
+            return Err(IntentError::ErasesNoWrites(column.clone()));
         }
         match (&self.op, &self.row) {
             (Op::Delete, Some(_)) => Err(IntentError::RowImage {
@@ -250,5 +268,24 @@ mod tests {
         assert_eq!(i.delta.as_ref().unwrap()["balance"], json!(-5));
         v["delta"] = Value::Null;
         assert_eq!(decode(&v).unwrap().delta, None);
+    }
+
+    #[test]
+    fn carries_what_a_reset_erases() {
+        let mut v = sample();
+        v["op"] = json!("delete");
+        v["row"] = Value::Null;
+        v["erases"] = json!({"balance": {"us-east": [2, 15], "eu": [1, -3]}});
+        let i = decode(&v).unwrap();
+        let part = &i.erases.as_ref().unwrap()["balance"].0["us-east"];
+        assert_eq!((part.writes, part.sum.as_i64()), (2, Some(15)));
+        assert_eq!(Intent::decode(&i.encode()).unwrap(), i);
+        v["erases"] = json!({"balance": {"eu": [0, 4]}});
+        assert_eq!(
+            decode(&v),
+            Err(IntentError::ErasesNoWrites("balance".into()))
+        );
+        v["erases"] = json!({"balance": {"eu": [1, "four"]}});
+        assert!(matches!(decode(&v), Err(IntentError::Shape(_))));
     }
 }
