@@ -506,10 +506,12 @@ BEGIN
 END
 $$;
 
--- Changes the shadows of a merge table (run it in every region, like
--- make_global): the regions whose sidecars resolve its conflicts, '{}' for
--- none (every primary resolves on arrival). Conflicts in flight are
--- resolved by the old or the new owner, with the same result (R7).
+-- Changes the shadows of a merge table: the regions whose sidecars resolve
+-- its conflicts, '{}' for none (every primary resolves on arrival). Run it
+-- in one region: the new set travels to the others in this transaction's
+-- stream, and each adopts it if it is later than its own, by (epoch,
+-- regions). Conflicts in flight are resolved by the old or the new owner,
+-- with the same result (R7).
 CREATE FUNCTION foreshadow.set_shadows(tbl regclass, regions text[]) RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -529,6 +531,7 @@ BEGIN
     UPDATE foreshadow.tables t SET shadows = foreshadow.checked_shadows(regions), shadow_epoch = t.shadow_epoch + 1
      WHERE t.relid = tbl RETURNING t.shadow_epoch INTO v_epoch;
     PERFORM foreshadow.refresh_table(tbl);  -- and so every session reads the new set
+    PERFORM foreshadow.announce_shadow_set(tbl);
     RETURN v_epoch;
 END
 $$;
@@ -844,7 +847,7 @@ ALTER EVENT TRIGGER foreshadow_guard_capture ENABLE ALWAYS;
 -- functions are checked when a trigger is created, not when it fires.)
 REVOKE EXECUTE ON FUNCTION foreshadow.make_global(regclass, text, boolean, regprocedure, text[]), foreshadow.drop_global(regclass),
     foreshadow.check_merge_function(regclass, text, regprocedure), foreshadow.checked_shadows(text[]),
-    foreshadow.set_shadows(regclass, text[]), foreshadow.resolve_overdue(),
+    foreshadow.set_shadows(regclass, text[]), foreshadow.announce_shadow_set(oid), foreshadow.resolve_overdue(),
     foreshadow.refresh_table(regclass), foreshadow.set_column_strategy(regclass, name, text),
     foreshadow.announce_rows(oid), foreshadow.reannounce(oid),
     foreshadow.apply_transaction(text, text, text, text, timestamptz, integer),

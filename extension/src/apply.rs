@@ -389,6 +389,14 @@ pub fn apply_raw(client: &mut SpiClient<'_>, heaps: &mut Heaps, peer: &str, raw:
         return Outcome::default();
     };
     crate::clock::admit(i.hlc);
+    if let Some(set) = &i.shadow_set {
+        let changed = crate::shadow_set::adopt(client, &t, set);
+        crate::clock::observe(i.hlc);
+        return Outcome {
+            changed,
+            conflict: None,
+        };
+    }
     let o = apply_intent(client, heaps, &t, &i);
     crate::clock::observe(i.hlc);
     o

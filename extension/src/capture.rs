@@ -298,6 +298,7 @@ fn emit_write(
         strategy: t.strategy.clone(),
         class: IntentClass::Data,
         resolves: None,
+        shadow_set: None,
     });
 }
 

@@ -20,6 +20,7 @@ mod merge;
 mod rights;
 mod row_versions;
 mod shadow;
+mod shadow_set;
 mod spi;
 mod versions;
 

@@ -154,6 +154,7 @@ fn resolve(
             strategy: Strategy::Merge.name().into(),
             class: IntentClass::Data,
             resolves: Some(leaves.to_vec()),
+            shadow_set: None,
         });
     }
     Resolved {

@@ -561,6 +561,45 @@ mod tests {
         );
     }
 
+    /// A peer's shadow set (a metadata intent, R7) is adopted if it is
+    /// later than this region's by (epoch, regions), ignored otherwise; one
+    /// naming a region unknown here stops the lane (the batch raises).
+    #[pg_test]
+    fn peer_shadow_sets_are_adopted_if_later() {
+        setup_carts(UNION_APPEND);
+        let set = |epoch: u32, regions: &str| {
+            format!(
+                r#"[{{"v":2,"origin":"peer","hlc":{epoch},"schema":"public","table":"carts","op":"update","key":{{}},"row":null,"vv":{{"peer":1}},"strategy":"merge","class":"metadata","shadow_set":{{"epoch":{epoch},"regions":{regions}}}}}]"#
+            )
+        };
+        let shadows = || {
+            Spi::get_two::<i32, Vec<String>>(
+                "SELECT shadow_epoch, shadows FROM foreshadow.global_tables WHERE table_name = 'public.carts'::regclass",
+            )
+            .unwrap()
+        };
+        apply(&set(2, r#"["peer"]"#));
+        assert_eq!(shadows(), (Some(2), Some(vec!["peer".into()])));
+        // Same epoch, a smaller set: this region keeps its own.
+        apply(&set(2, "[]"));
+        assert_eq!(shadows(), (Some(2), Some(vec!["peer".into()])));
+        apply(&set(1, r#"["test-region"]"#));
+        assert_eq!(shadows(), (Some(2), Some(vec!["peer".into()])));
+        // Same epoch, a larger set wins (the peer changed it at once too).
+        apply(&set(2, r#"["peer","test-region"]"#));
+        assert_eq!(
+            shadows(),
+            (Some(2), Some(vec!["peer".into(), "test-region".into()]))
+        );
+        let mars = set(3, r#"["mars"]"#);
+        assert_eq!(
+            error_of(move || {
+                apply(&mars);
+            }),
+            "unknown region \"mars\" for a shadow"
+        );
+    }
+
     /// set_shadows takes regions of foreshadow.regions only, each once.
     #[pg_test]
     fn set_shadows_checks_the_regions() {

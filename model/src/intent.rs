@@ -30,7 +30,9 @@ pub enum Op {
     Delete,
 }
 
-/// Metadata intents travel on their own lane, ahead of data (DESIGN step 6).
+/// Metadata intents (a table's shadow set) change Foreshadow's own
+/// configuration; DESIGN step 6 gives them a lane of their own, ahead of
+/// data, which is not built: they travel in their origin's stream, in order.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IntentClass {
@@ -75,6 +77,19 @@ pub struct Intent {
     /// stamp the highest leaf's. `None` for a write.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolves: Option<Vec<Leaf>>,
+    /// A metadata intent: the table's new shadow set (docs/shadow-protocol.md,
+    /// R7), which every region adopts if it is later than its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_set: Option<ShadowSet>,
+}
+
+/// A merge table's shadows as of one `set_shadows` call: `epoch` counts the
+/// changes, `regions` is sorted. Sets are ordered by `(epoch, regions)`, so
+/// two regions that changed the set at once both end with the same one.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ShadowSet {
+    pub epoch: u32,
+    pub regions: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -95,6 +110,8 @@ pub enum IntentError {
     DeltaNotNumber(String),
     #[error("intent's erased counter tally for column `{0}` has a part of no writes")]
     ErasesNoWrites(String),
+    #[error("metadata intent {0}")]
+    Metadata(&'static str),
     #[error("resolution {0}")]
     Resolution(&'static str),
 }
@@ -112,6 +129,29 @@ impl Intent {
         serde_json::to_vec(self).expect("an intent always serialises")
     }
 
+    /// A metadata intent carries a shadow set and nothing of a row.
+    fn validate_metadata(&self) -> Result<(), IntentError> {
+        let Some(set) = &self.shadow_set else {
+            return Err(IntentError::Metadata("carries no shadow set"));
+        };
+        if self.class != IntentClass::Metadata {
+            return Err(IntentError::Metadata("is not of class metadata"));
+        }
+        if self.row.is_some()
+            || self.delta.is_some()
+            || self.erases.is_some()
+            || self.resolves.is_some()
+        {
+            return Err(IntentError::Metadata("carries a row"));
+        }
+        if !set.regions.windows(2).all(|w| w[0] < w[1]) {
+            return Err(IntentError::Metadata(
+                "has shadow regions not sorted or named twice",
+            ));
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), IntentError> {
         if self.v != WIRE_VERSION {
             return Err(IntentError::Version(self.v));
@@ -125,6 +165,9 @@ impl Intent {
             if value.is_empty() {
                 return Err(IntentError::Empty(name));
             }
+        }
+        if self.class == IntentClass::Metadata || self.shadow_set.is_some() {
+            return self.validate_metadata();
         }
         if self.key.is_empty() {
             return Err(IntentError::Empty("key"));
@@ -268,6 +311,41 @@ mod tests {
         assert_eq!(i.delta.as_ref().unwrap()["balance"], json!(-5));
         v["delta"] = Value::Null;
         assert_eq!(decode(&v).unwrap().delta, None);
+    }
+
+    #[test]
+    fn carries_a_shadow_set() {
+        let mut v = sample();
+        v["class"] = json!("metadata");
+        v["key"] = json!({});
+        v["row"] = Value::Null;
+        v["shadow_set"] = json!({"epoch": 3, "regions": ["ap", "eu"]});
+        let i = decode(&v).unwrap();
+        assert_eq!(i.shadow_set.as_ref().unwrap().epoch, 3);
+        assert_eq!(Intent::decode(&i.encode()).unwrap(), i);
+        v["shadow_set"] = json!({"epoch": 3, "regions": ["eu", "ap"]});
+        assert!(matches!(decode(&v), Err(IntentError::Metadata(_))));
+        v["shadow_set"] = Value::Null;
+        assert!(matches!(decode(&v), Err(IntentError::Metadata(_))));
+        v["class"] = json!("data");
+        v["shadow_set"] = json!({"epoch": 3, "regions": []});
+        assert!(matches!(decode(&v), Err(IntentError::Metadata(_))));
+        let older = ShadowSet {
+            epoch: 2,
+            regions: vec!["us".into()],
+        };
+        let tie = ShadowSet {
+            epoch: 3,
+            regions: vec!["ap".into()],
+        };
+        assert!(
+            older < tie
+                && tie
+                    < ShadowSet {
+                        epoch: 3,
+                        regions: vec!["eu".into()]
+                    }
+        );
     }
 
     #[test]

@@ -165,3 +165,72 @@ async fn a_shadow_set_change_in_flight_loses_nothing() {
         );
     }
 }
+
+/// `set_shadows` run in one region changes the shadows in every region
+/// (R7: the set travels as a metadata intent). Two regions that change it
+/// at once, cut off from each other, end with the same set everywhere: the
+/// later by `(epoch, regions)`. Conflicts after the change are resolved by
+/// the new shadow alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_set_change_in_one_region_reaches_every_region() {
+    let (lab, r) = carts_lab("shadow-set", &["seed"]).await;
+    let set_of_carts = "SELECT shadow_epoch || ':' || shadows::text FROM foreshadow.global_tables \
+                        WHERE table_name = 'carts'::regclass";
+    let set = |region: &str, regions: Vec<String>| {
+        let lab = &lab;
+        let region = region.to_owned();
+        async move {
+            let c = lab.client(&region).await.unwrap();
+            c.query_one("SELECT foreshadow.set_shadows('carts', $1)", &[&regions])
+                .await
+                .unwrap_or_else(|e| panic!("{region}: set_shadows: {}", common::pg_error(&e)))
+                .get::<_, i32>(0)
+        }
+    };
+    let old = shadow_of_carts(&lab, &r[0]).await;
+    let new = r.iter().find(|x| **x != old).unwrap().clone();
+    assert_eq!(set(&r[2], vec![new.clone()]).await, 2);
+    let want = format!("2:{{{new}}}");
+    common::wait_for_everywhere(&lab, set_of_carts, Some(&want), CONVERGE)
+        .await
+        .unwrap();
+
+    // Both other regions change it at once while cut off: r[0] to no
+    // shadows, r[1] to two. Epoch 3 both; the larger set wins everywhere.
+    fault_all(&lab, &r, Fault::Cut);
+    let both = vec![r[0].clone(), r[1].clone()];
+    let mut sorted = both.clone();
+    sorted.sort();
+    assert_eq!(set(&r[0], vec![]).await, 3);
+    assert_eq!(set(&r[1], both).await, 3);
+    fault_all(&lab, &r, Fault::Heal);
+    let want = format!("3:{{{}}}", sorted.join(","));
+    common::wait_for_everywhere(&lab, set_of_carts, Some(&want), CONVERGE)
+        .await
+        .unwrap();
+
+    // Back to one shadow, then conflicts: resolved by it, adopted by the
+    // others, the model's resolution everywhere.
+    assert_eq!(set(&r[1], vec![new.clone()]).await, 4);
+    let want = format!("4:{{{new}}}");
+    common::wait_for_everywhere(&lab, set_of_carts, Some(&want), CONVERGE)
+        .await
+        .unwrap();
+    fault_all(&lab, &r, Fault::Cut);
+    let writes = add_one_item_each(&lab, &r).await;
+    fault_all(&lab, &r, Fault::Heal);
+    lab.wait_identical(&["public.carts"], CONVERGE)
+        .await
+        .unwrap();
+    let (want, _) = oracle(&writes);
+    assert_carts_everywhere(&lab, &r, &want, "the new shadow's resolution").await;
+    for region in &r {
+        let merged = scalar_i64(
+            &lab,
+            region,
+            "SELECT count(*) FROM foreshadow.conflicts WHERE outcome = 'merged'",
+        )
+        .await;
+        assert_eq!(merged > 0, *region == new, "{region}: only {new} merges");
+    }
+}

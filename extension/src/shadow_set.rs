@@ -1,0 +1,104 @@
+//! A merge table's shadow set travels to every region (docs/shadow-protocol.md,
+//! R7): `set_shadows` in one region emits it as a metadata intent in the same
+//! transaction, and each peer adopts it if it is later than its own, by
+//! `(epoch, regions)`. Two regions that change the set at once both end with
+//! the same one; a set delivered again changes nothing.
+
+use crate::catalog::Table;
+use crate::errors::raise;
+use crate::spi::run_kept;
+use foreshadow_model::intent::{ShadowSet, WIRE_VERSION};
+use foreshadow_model::{Intent, IntentClass, Op, Strategy, VersionVector};
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use serde_json::Map;
+
+const SET_SQL: &str = "SELECT n.nspname::pg_catalog.text, c.relname::pg_catalog.text, \
+       t.shadow_epoch, t.shadows \
+  FROM foreshadow.tables t \
+  JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.relid \
+  JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+ WHERE t.relid OPERATOR(pg_catalog.=) $1 AND t.strategy OPERATOR(pg_catalog.=) 'merge'";
+
+/// Sends `tbl`'s shadow set, as stored here, to every other region (called
+/// by `set_shadows` after it stored a new one). Internal: not executable
+/// by PUBLIC.
+#[pg_extern(volatile, parallel_unsafe)]
+fn announce_shadow_set(tbl: pg_sys::Oid) {
+    let (schema, table, set) = Spi::connect(|client| {
+        let rows = client
+            .select(SET_SQL, None, &[tbl.into()])
+            .unwrap_or_else(|e| panic!("{SET_SQL}: {e}"));
+        let row = rows.into_iter().next().unwrap_or_else(|| {
+            raise(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                "not a global table with strategy merge",
+                "Shadow sets belong to merge tables.",
+            )
+        });
+        let text = |i| row.get::<String>(i).ok().flatten().unwrap_or_default();
+        let epoch = row.get::<i32>(3).ok().flatten().unwrap_or(1);
+        let regions = row.get::<Vec<String>>(4).ok().flatten().unwrap_or_default();
+        let set = ShadowSet {
+            epoch: epoch as u32,
+            regions,
+        };
+        (text(1), text(2), set)
+    });
+    let origin = crate::gucs::region();
+    let mut vv = VersionVector::new();
+    vv.bump(&origin);
+    crate::capture::emit(&Intent {
+        v: WIRE_VERSION,
+        origin,
+        hlc: crate::clock::stamp_above(foreshadow_model::Hlc(0)),
+        schema,
+        table,
+        op: Op::Update,
+        key: Map::new(),
+        row: None,
+        vv,
+        delta: None,
+        erases: None,
+        strategy: Strategy::Merge.name().into(),
+        class: IntentClass::Metadata,
+        resolves: None,
+        shadow_set: Some(set),
+    });
+}
+
+const ADOPT_SQL: &str = "UPDATE foreshadow.tables t \
+    SET shadows = foreshadow.checked_shadows($2), shadow_epoch = $3 \
+  WHERE t.relid OPERATOR(pg_catalog.=) $1 \
+    AND ROW(t.shadow_epoch, t.shadows) OPERATOR(pg_catalog.<) ROW($3, $2) \
+ RETURNING 1";
+
+/// Adopts a peer's shadow set for `t` if it is later than the one here.
+/// Returns whether it changed anything. A table that is not a merge table
+/// here, or a set naming a region not in `foreshadow.regions` here, stops
+/// the peer's lane until the configurations agree.
+pub fn adopt(client: &mut SpiClient<'_>, t: &Table, set: &ShadowSet) -> bool {
+    if t.strategy != Some(Strategy::Merge) {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "a peer changed the shadows of {}, which is not a merge table in this region",
+                t.qualified
+            ),
+            "Give the table the same strategy in every region; replication from that region resumes by itself.",
+        );
+    }
+    let epoch = i32::try_from(set.epoch).unwrap_or(i32::MAX);
+    let changed = !run_kept(
+        client,
+        ADOPT_SQL,
+        &[pg_sys::OIDOID, pg_sys::TEXTARRAYOID, pg_sys::INT4OID],
+        &[t.relid.into(), set.regions.clone().into(), epoch.into()],
+    )
+    .is_empty();
+    if changed {
+        // Every session's cached table (its shadows) is stale now.
+        unsafe { pg_sys::CacheInvalidateRelcacheByRelid(t.relid) };
+    }
+    changed
+}
