@@ -6,7 +6,9 @@
 
 mod common;
 
-use common::carts::{add_one_item_each, carts, carts_lab, items_of, oracle, shadow_of_carts, KEYS};
+use common::carts::{
+    add_one_item_each_apart, carts, carts_lab, items_of, oracle, shadow_of_carts, KEYS,
+};
 use common::{fault_all, scalar_i64, CONVERGE};
 use foreshadow_lab::workload::{add_cart_items, cart_merge};
 use foreshadow_lab::Fault;
@@ -21,12 +23,7 @@ async fn concurrent_carts_merge_to_the_model_resolution_everywhere() {
 
     // Every region adds its own item to every cart while no region hears
     // from any other: three concurrent versions of each row.
-    fault_all(&lab, &r, Fault::Cut);
-    let writes = add_one_item_each(&lab, &r).await;
-    fault_all(&lab, &r, Fault::Heal);
-    lab.wait_identical(&["public.carts"], CONVERGE)
-        .await
-        .unwrap();
+    let writes = add_one_item_each_apart(&lab, &r).await;
 
     // The oracle: the model's merge::resolve of each key's leaves with the
     // same function, in Rust.

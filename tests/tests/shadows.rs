@@ -9,7 +9,8 @@
 mod common;
 
 use common::carts::{
-    add_one_item_each, assert_carts_everywhere, carts, carts_lab, oracle, shadow_of_carts,
+    add_one_item_each, add_one_item_each_apart, assert_carts_everywhere, carts, carts_lab, oracle,
+    shadow_of_carts,
 };
 use common::{fault_all, scalar_i64, CONVERGE};
 use foreshadow_lab::{Fault, Lab};
@@ -216,12 +217,7 @@ async fn a_shadow_set_change_in_one_region_reaches_every_region() {
     common::wait_for_everywhere(&lab, set_of_carts, Some(&want), CONVERGE)
         .await
         .unwrap();
-    fault_all(&lab, &r, Fault::Cut);
-    let writes = add_one_item_each(&lab, &r).await;
-    fault_all(&lab, &r, Fault::Heal);
-    lab.wait_identical(&["public.carts"], CONVERGE)
-        .await
-        .unwrap();
+    let writes = add_one_item_each_apart(&lab, &r).await;
     let (want, _) = oracle(&writes);
     assert_carts_everywhere(&lab, &r, &want, "the new shadow's resolution").await;
     for region in &r {

@@ -108,6 +108,19 @@ pub async fn add_one_item_each(lab: &Lab, regions: &[String]) -> BTreeMap<i64, V
     writes
 }
 
+/// `add_one_item_each` while no region hears from any other (three
+/// concurrent versions of each row with three regions), then healed and
+/// converged.
+pub async fn add_one_item_each_apart(lab: &Lab, regions: &[String]) -> BTreeMap<i64, Vec<Leaf>> {
+    super::fault_all(lab, regions, foreshadow_lab::Fault::Cut);
+    let writes = add_one_item_each(lab, regions).await;
+    super::fault_all(lab, regions, foreshadow_lab::Fault::Heal);
+    lab.wait_identical(&["public.carts"], super::CONVERGE)
+        .await
+        .unwrap();
+    writes
+}
+
 /// The model's merge::resolve of each key's leaves with cart_merge, in
 /// Rust; and how many merges that took.
 pub fn oracle(writes: &BTreeMap<i64, Vec<Leaf>>) -> (BTreeMap<i64, Vec<String>>, i64) {
