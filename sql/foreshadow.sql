@@ -95,6 +95,42 @@ CREATE TABLE foreshadow.row_versions (
 -- lets those updates be HOT (no new index entry, no key comparisons).
 WITH (fillfactor = 50);
 
+-- Tombstones of tables decided by stamp alone (lww, no counters), queued
+-- when written, so that collect_tombstones() finds them without reading
+-- every version (an index on row_versions would make every version update
+-- a non-HOT one).
+CREATE TABLE foreshadow.tombstones (
+    relid  oid NOT NULL,
+    key    text COLLATE "C" NOT NULL,
+    hlc    bigint NOT NULL,
+    origin text NOT NULL
+);
+CREATE INDEX tombstones_hlc ON foreshadow.tombstones (hlc);
+
+-- Each other region's last heartbeat applied here (the model's
+-- stability::Stability): every write it stamped below `below` has arrived,
+-- and per region in `seen`, it has applied that region's writes stamped
+-- below the stamp given. collect_tombstones() reads them.
+CREATE TABLE foreshadow.stability (
+    region   text PRIMARY KEY,
+    below    bigint NOT NULL,
+    seen     jsonb NOT NULL DEFAULT '{}',
+    heard_at timestamptz NOT NULL
+);
+
+-- This region's own heartbeat (heartbeat()): `below` as last sent, and the
+-- clock reading (with the next transaction id then) that becomes the next
+-- `below` once every transaction below that id has ended.
+CREATE TABLE foreshadow.heartbeat (
+    only_row    boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    pending_hlc bigint,
+    pending_xid xid8,
+    below       bigint NOT NULL DEFAULT 0,
+    seen        jsonb NOT NULL DEFAULT '{}',
+    beat_at     timestamptz
+);
+INSERT INTO foreshadow.heartbeat DEFAULT VALUES;
+
 -- Intents that can never apply here, kept with the reason instead of
 -- stalling replication: forged (a message not sealed by the peer's
 -- capture, e.g. emitted by hand), malformed, claiming another origin than the region
@@ -552,6 +588,7 @@ BEGIN
     -- Unregistered first: the guard refuses to drop the triggers of a
     -- table that is still global.
     DELETE FROM foreshadow.row_versions v WHERE v.relid = tbl;
+    DELETE FROM foreshadow.tombstones q WHERE q.relid = tbl;
     DELETE FROM foreshadow.tables t WHERE t.relid = tbl;
     EXECUTE format('DROP TRIGGER foreshadow_capture ON %s', tbl);
     EXECUTE format('DROP TRIGGER foreshadow_no_truncate ON %s', tbl);
@@ -735,7 +772,8 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION '
                    'foreshadow.apply_transaction(text, text, text, text, timestamptz, integer), '
                    'foreshadow.note_lane_error(text, text), foreshadow.link_key(), '
-                   'foreshadow.reannounce(oid), foreshadow.resolve_overdue() TO %s', role_name);
+                   'foreshadow.reannounce(oid), foreshadow.resolve_overdue(), '
+                   'foreshadow.heartbeat(), foreshadow.collect_tombstones() TO %s', role_name);
     EXECUTE format('GRANT EXECUTE ON FUNCTION pg_catalog.pg_replication_origin_create(text), '
                    'pg_catalog.pg_replication_origin_oid(text), '
                    'pg_catalog.pg_replication_origin_session_setup(text), '
@@ -755,6 +793,7 @@ BEGIN
     SELECT array_agg(objid) INTO dropped FROM pg_event_trigger_dropped_objects()
      WHERE classid = 'pg_class'::regclass AND objsubid = 0;
     DELETE FROM foreshadow.row_versions v WHERE v.relid = ANY (dropped);
+    DELETE FROM foreshadow.tombstones q WHERE q.relid = ANY (dropped);
     DELETE FROM foreshadow.conflict_log l WHERE l.relid = ANY (dropped);
     DELETE FROM foreshadow.tables t WHERE t.relid = ANY (dropped);
 END
@@ -848,6 +887,7 @@ ALTER EVENT TRIGGER foreshadow_guard_capture ENABLE ALWAYS;
 REVOKE EXECUTE ON FUNCTION foreshadow.make_global(regclass, text, boolean, regprocedure, text[]), foreshadow.drop_global(regclass),
     foreshadow.check_merge_function(regclass, text, regprocedure), foreshadow.checked_shadows(text[]),
     foreshadow.set_shadows(regclass, text[]), foreshadow.announce_shadow_set(oid), foreshadow.resolve_overdue(),
+    foreshadow.heartbeat(), foreshadow.collect_tombstones(),
     foreshadow.refresh_table(regclass), foreshadow.set_column_strategy(regclass, name, text),
     foreshadow.announce_rows(oid), foreshadow.reannounce(oid),
     foreshadow.apply_transaction(text, text, text, text, timestamptz, integer),

@@ -28,6 +28,7 @@ use crate::errors::raise;
 use crate::heap::{Heap, Heaps, Values};
 use crate::row_versions::{Found, Store, Version};
 use crate::spi::run_kept;
+use crate::tombstones;
 use foreshadow_model::lww::{incoming_wins, Stamp};
 use foreshadow_model::{Causality, Intent, Op, Strategy};
 use pgrx::datum::TimestampWithTimeZone;
@@ -216,6 +217,9 @@ pub fn apply_intent(
         if let Some(c) = &o.conflict {
             crate::conflicts::record(client, t, i, &key_text, c);
         }
+        if o.changed && i.op == Op::Delete && tombstones::collectable(t.strategy, &t.counters) {
+            tombstones::queue(client, t.relid, &key_text, i.hlc, &i.origin);
+        }
         o
     };
     if row == RowState::Inserted && !o.changed {
@@ -377,6 +381,10 @@ pub fn apply_raw(client: &mut SpiClient<'_>, heaps: &mut Heaps, peer: &str, raw:
             i.origin
         );
         reject(client, peer, Reject::WrongOrigin, &reason, raw);
+        return Outcome::default();
+    }
+    if let Some(s) = &i.stability {
+        crate::tombstones::hear(client, &i.origin, s);
         return Outcome::default();
     }
     let Some(t) = catalog::table(client, &i.schema, &i.table) else {

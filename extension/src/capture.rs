@@ -269,6 +269,10 @@ fn record(store: &Store, relid: pg_sys::Oid, t: &TableArgs, w: Write) {
         counters,
     };
     store.write(found.as_ref(), relid, &key_text, &version);
+    let strategy = t.strategy.parse().ok();
+    if op == Op::Delete && crate::tombstones::collectable(strategy, &t.counters) {
+        Spi::connect_mut(|c| crate::tombstones::queue(c, relid, &key_text, hlc, &region));
+    }
     emit_write(t, version, op, key, row, delta, erases);
 }
 
@@ -299,6 +303,7 @@ fn emit_write(
         class: IntentClass::Data,
         resolves: None,
         shadow_set: None,
+        stability: None,
     });
 }
 

@@ -36,6 +36,11 @@ fn tick(floor: Hlc) -> Hlc {
     }
 }
 
+/// The clock's reading, without advancing it.
+pub fn now() -> Hlc {
+    Hlc(CLOCK.get().load(Ordering::Acquire))
+}
+
 /// The stamp for a local write to a row last stamped `floor`.
 pub fn stamp_above(floor: Hlc) -> Hlc {
     tick(floor)

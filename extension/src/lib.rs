@@ -22,6 +22,7 @@ mod row_versions;
 mod shadow;
 mod shadow_set;
 mod spi;
+mod tombstones;
 mod versions;
 
 ::pgrx::pg_module_magic!();

@@ -155,6 +155,7 @@ fn resolve(
             class: IntentClass::Data,
             resolves: Some(leaves.to_vec()),
             shadow_set: None,
+            stability: None,
         });
     }
     Resolved {

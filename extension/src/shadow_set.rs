@@ -64,6 +64,7 @@ fn announce_shadow_set(tbl: pg_sys::Oid) {
         class: IntentClass::Metadata,
         resolves: None,
         shadow_set: Some(set),
+        stability: None,
     });
 }
 

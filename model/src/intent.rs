@@ -7,6 +7,7 @@
 //! a well-formed intent is, so that a malformed one is refused with a reason
 //! instead of being half-applied.
 
+use crate::stability::Stability;
 use crate::strategy::counter::Tally;
 use crate::strategy::leaf::Leaf;
 use crate::{Hlc, VersionVector};
@@ -81,6 +82,10 @@ pub struct Intent {
     /// R7), which every region adopts if it is later than its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow_set: Option<ShadowSet>,
+    /// A metadata intent: the origin's heartbeat (`stability`), for
+    /// collecting tombstones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stability: Option<Stability>,
 }
 
 /// A merge table's shadows as of one `set_shadows` call: `epoch` counts the
@@ -129,10 +134,17 @@ impl Intent {
         serde_json::to_vec(self).expect("an intent always serialises")
     }
 
-    /// A metadata intent carries a shadow set and nothing of a row.
+    /// A metadata intent carries a shadow set or a heartbeat, and nothing
+    /// of a row.
     fn validate_metadata(&self) -> Result<(), IntentError> {
-        let Some(set) = &self.shadow_set else {
-            return Err(IntentError::Metadata("carries no shadow set"));
+        let set = match (&self.shadow_set, &self.stability) {
+            (Some(set), None) => Some(set),
+            (None, Some(_)) => None,
+            _ => {
+                return Err(IntentError::Metadata(
+                    "carries not exactly one of a shadow set and a heartbeat",
+                ))
+            }
         };
         if self.class != IntentClass::Metadata {
             return Err(IntentError::Metadata("is not of class metadata"));
@@ -144,7 +156,7 @@ impl Intent {
         {
             return Err(IntentError::Metadata("carries a row"));
         }
-        if !set.regions.windows(2).all(|w| w[0] < w[1]) {
+        if set.is_some_and(|set| !set.regions.windows(2).all(|w| w[0] < w[1])) {
             return Err(IntentError::Metadata(
                 "has shadow regions not sorted or named twice",
             ));
@@ -166,7 +178,10 @@ impl Intent {
                 return Err(IntentError::Empty(name));
             }
         }
-        if self.class == IntentClass::Metadata || self.shadow_set.is_some() {
+        if self.class == IntentClass::Metadata
+            || self.shadow_set.is_some()
+            || self.stability.is_some()
+        {
             return self.validate_metadata();
         }
         if self.key.is_empty() {
@@ -328,6 +343,12 @@ mod tests {
         v["shadow_set"] = Value::Null;
         assert!(matches!(decode(&v), Err(IntentError::Metadata(_))));
         v["class"] = json!("data");
+        v["shadow_set"] = json!({"epoch": 3, "regions": []});
+        assert!(matches!(decode(&v), Err(IntentError::Metadata(_))));
+        v["shadow_set"] = Value::Null;
+        v["class"] = json!("metadata");
+        v["stability"] = json!({"below": 7, "seen": {"eu": 3}});
+        assert_eq!(decode(&v).unwrap().stability.unwrap().below, Hlc(7));
         v["shadow_set"] = json!({"epoch": 3, "regions": []});
         assert!(matches!(decode(&v), Err(IntentError::Metadata(_))));
         let older = ShadowSet {

@@ -7,6 +7,7 @@ pub mod intent;
 pub mod lww;
 pub mod ownership;
 pub mod seal;
+pub mod stability;
 pub mod strategy;
 pub mod vv;
 

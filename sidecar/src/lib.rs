@@ -6,8 +6,8 @@ pub mod apply;
 pub mod config;
 mod connect;
 pub mod error;
-mod fallback;
 mod peer;
+mod periodic;
 pub mod pgoutput;
 pub mod resync;
 mod seals;
@@ -27,7 +27,7 @@ pub async fn run(config: Config, shutdown: tokio::sync::watch::Receiver<bool>) {
         .peers
         .iter()
         .map(|p| tokio::spawn(supervise(config.clone(), p.clone(), shutdown.clone())))
-        .chain([tokio::spawn(fallback::run(
+        .chain([tokio::spawn(periodic::run(
             config.clone(),
             shutdown.clone(),
         ))])
