@@ -70,7 +70,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) {
                 }
             }
         }
-        for call in CALLS.iter().filter(|c| tick % c.ticks == 0) {
+        for call in CALLS.iter().filter(|c| tick.is_multiple_of(c.ticks)) {
             let Some(c) = &client else { break };
             match c.query_one(call.sql, &[]).await {
                 Ok(row) => {
