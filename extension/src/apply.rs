@@ -356,11 +356,11 @@ pub fn decide(x: Target<'_>, cur: Option<Found>) -> Outcome {
 /// Applies one intent as it arrived (JSON text), or keeps it as a dead
 /// letter if it can never apply here. `peer`: the region whose stream
 /// carried it; only that region's own writes are accepted from it.
-pub fn apply_raw(client: &mut SpiClient<'_>, heaps: &mut Heaps, peer: &str, raw: &str) -> Outcome {
+pub fn apply_raw(client: &mut SpiClient<'_>, heaps: &mut Heaps, peer: &str, raw: &str) -> Arrived {
     heaps.next_command();
     if let Some(r) = Rejected::of(raw) {
         reject(client, peer, Reject::Forged, &r.reason, &r.message);
-        return Outcome::default();
+        return Arrived::Data(Outcome::default());
     }
     let i = match Intent::decode(raw.as_bytes()) {
         Ok(i) => i,
@@ -372,7 +372,7 @@ pub fn apply_raw(client: &mut SpiClient<'_>, heaps: &mut Heaps, peer: &str, raw:
                 &format!("malformed intent: {e}"),
                 raw,
             );
-            return Outcome::default();
+            return Arrived::Data(Outcome::default());
         }
     };
     if i.origin != peer {
@@ -381,11 +381,11 @@ pub fn apply_raw(client: &mut SpiClient<'_>, heaps: &mut Heaps, peer: &str, raw:
             i.origin
         );
         reject(client, peer, Reject::WrongOrigin, &reason, raw);
-        return Outcome::default();
+        return Arrived::Data(Outcome::default());
     }
     if let Some(s) = &i.stability {
         crate::tombstones::hear(client, &i.origin, s);
-        return Outcome::default();
+        return Arrived::Metadata;
     }
     let Some(t) = catalog::table(client, &i.schema, &i.table) else {
         let reason = format!(
@@ -394,20 +394,25 @@ pub fn apply_raw(client: &mut SpiClient<'_>, heaps: &mut Heaps, peer: &str, raw:
             catalog::ident(&i.table)
         );
         reject(client, peer, Reject::NotGlobal, &reason, raw);
-        return Outcome::default();
+        return Arrived::Data(Outcome::default());
     };
     crate::clock::admit(i.hlc);
     if let Some(set) = &i.shadow_set {
-        let changed = crate::shadow_set::adopt(client, &t, set);
+        crate::shadow_set::adopt(client, &t, set);
         crate::clock::observe(i.hlc);
-        return Outcome {
-            changed,
-            conflict: None,
-        };
+        return Arrived::Metadata;
     }
     let o = apply_intent(client, heaps, &t, &i);
     crate::clock::observe(i.hlc);
-    o
+    Arrived::Data(o)
+}
+
+/// What an arrived intent was: a write (or one kept as a dead letter),
+/// counted in `peer_stats`, or Foreshadow's own metadata (a heartbeat, a
+/// shadow set), which is not.
+pub enum Arrived {
+    Data(Outcome),
+    Metadata,
 }
 
 /// Counts applied intents (and the rows they changed, and conflicts) for
@@ -522,14 +527,16 @@ fn apply_transaction(
         // Progress is recorded with the commit record, which needs a
         // transaction id even when nothing here was written.
         unsafe { pg_sys::GetCurrentTransactionId() };
-        let (mut changed, mut conflicts) = (0i32, 0i32);
+        let (mut intents, mut changed, mut conflicts) = (0i32, 0i32, 0i32);
         let mut heaps = Heaps::default();
         for raw in &elements {
-            let o = apply_raw(client, &mut heaps, peer, raw);
-            changed += o.changed as i32;
-            conflicts += o.conflict.is_some() as i32;
+            if let Arrived::Data(o) = apply_raw(client, &mut heaps, peer, raw) {
+                intents += 1;
+                changed += o.changed as i32;
+                conflicts += o.conflict.is_some() as i32;
+            }
         }
-        count(client, peer, elements.len() as i32, changed, conflicts);
+        count(client, peer, intents, changed, conflicts);
         if let Some(at) = origin_lsn {
             // What pg_replication_origin_xact_setup does: the commit record
             // carries the peer's position, so progress is exactly the

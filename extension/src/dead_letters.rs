@@ -4,7 +4,7 @@
 //! whatever has happened to the row since) and removes it in the same
 //! transaction: each is applied exactly once.
 
-use crate::apply::{apply_raw, Reject};
+use crate::apply::{apply_raw, Arrived, Reject};
 use crate::spi::run_kept;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -39,15 +39,17 @@ fn retry_dead_letters() -> i64 {
             if !global {
                 continue;
             }
-            let o = apply_raw(client, &mut heaps, origin, intent);
+            let arrived = apply_raw(client, &mut heaps, origin, intent);
             run_kept(client, DONE_SQL, &[pg_sys::TEXTOID], &[id.as_str().into()]);
-            crate::apply::count(
-                client,
-                origin,
-                0,
-                o.changed as i32,
-                o.conflict.is_some() as i32,
-            );
+            if let Arrived::Data(o) = arrived {
+                crate::apply::count(
+                    client,
+                    origin,
+                    0,
+                    o.changed as i32,
+                    o.conflict.is_some() as i32,
+                );
+            }
             applied += 1;
         }
         applied

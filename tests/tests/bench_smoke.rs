@@ -132,3 +132,16 @@ async fn catchup_quick() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn footprint_quick() {
+    let (doc, _) = run(Scenario::Footprint).await;
+    let f = &doc["engines"]["foreshadow"];
+    assert_eq!(num(&f["keys"]), 20_000.0, "{f}");
+    assert!(num(&f["max_versions"]) > 0.0, "versions were sampled: {f}");
+    assert_eq!(
+        num(&f["tombstones_at_end"]),
+        0.0,
+        "every tombstone forgotten: {f}"
+    );
+}

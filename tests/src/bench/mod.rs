@@ -5,6 +5,7 @@
 
 mod catchup;
 mod conflicts;
+mod footprint;
 mod lag;
 mod overhead;
 mod pgbench;
@@ -25,14 +26,16 @@ pub enum Scenario {
     Lag,
     Conflicts,
     Catchup,
+    Footprint,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 4] = [
+    pub const ALL: [Scenario; 5] = [
         Scenario::Overhead,
         Scenario::Lag,
         Scenario::Conflicts,
         Scenario::Catchup,
+        Scenario::Footprint,
     ];
 
     pub fn name(self) -> &'static str {
@@ -41,6 +44,7 @@ impl Scenario {
             Scenario::Lag => "lag",
             Scenario::Conflicts => "conflicts",
             Scenario::Catchup => "catchup",
+            Scenario::Footprint => "footprint",
         }
     }
 }
@@ -52,7 +56,7 @@ impl std::str::FromStr for Scenario {
             .into_iter()
             .find(|x| x.name() == s)
             .ok_or_else(|| {
-                format!("unknown scenario {s:?}: use overhead, lag, conflicts, catchup or all")
+                format!("unknown scenario {s:?}: use overhead, lag, conflicts, catchup, footprint or all")
             })
     }
 }
@@ -105,6 +109,7 @@ pub async fn run(scenario: Scenario, opts: &BenchOptions) -> Result<PathBuf, Str
         Scenario::Lag => lag::run(opts, &mut report).await?,
         Scenario::Conflicts => conflicts::run(opts, &mut report).await?,
         Scenario::Catchup => catchup::run(opts, &mut report).await?,
+        Scenario::Footprint => footprint::run(opts, &mut report).await?,
     }
     report.set("duration_s", t0.elapsed().as_secs_f64());
     let path = report.write(&opts.out)?;
