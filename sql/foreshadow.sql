@@ -127,7 +127,10 @@ CREATE TABLE foreshadow.heartbeat (
     pending_xid xid8,
     below       bigint NOT NULL DEFAULT 0,
     seen        jsonb NOT NULL DEFAULT '{}',
-    beat_at     timestamptz
+    beat_at     timestamptz,
+    -- At least every stamp this region has announced or forgotten a
+    -- tombstone below: the clock restarts from here (clock.rs, restore).
+    clock       bigint NOT NULL DEFAULT 0
 );
 INSERT INTO foreshadow.heartbeat DEFAULT VALUES;
 
@@ -538,7 +541,8 @@ BEGIN
     IF (SELECT count(DISTINCT r) FROM unnest(regions) r) <> cardinality(regions) THEN
         RAISE EXCEPTION 'a region is named twice in the shadow set %', regions USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    RETURN ARRAY(SELECT r FROM unnest(regions) r ORDER BY r);
+    -- Byte order, as every region and the model's ShadowSet compare them.
+    RETURN ARRAY(SELECT r FROM unnest(regions) r ORDER BY r COLLATE "C");
 END
 $$;
 

@@ -6,12 +6,35 @@ use foreshadow_model::Hlc;
 use pgrx::atomics::PgAtomic;
 use pgrx::pg_shmem_init;
 use pgrx::prelude::*;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 static CLOCK: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"foreshadow_hlc") };
+/// Whether the clock has been raised to its kept reading since startup.
+static RESTORED: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"foreshadow_hlc_restored") };
 
 pub fn init() {
     pg_shmem_init!(CLOCK);
+    pg_shmem_init!(RESTORED);
+}
+
+/// After a restart the clock starts from the wall clock, which can be
+/// behind the stamps this region handed out or saw before (an NTP step, a
+/// failover to a machine whose clock lags). A write stamped below a
+/// heartbeat's promise, or below a tombstone already forgotten elsewhere,
+/// would be decided differently in different regions; so the first local
+/// stamp after startup raises the clock to the reading kept in
+/// `foreshadow.heartbeat` (by every heartbeat and tombstone collection).
+fn restore() {
+    let restored = RESTORED.get();
+    if restored.load(Ordering::Acquire) {
+        return;
+    }
+    let kept = Spi::get_one::<i64>("SELECT clock FROM foreshadow.heartbeat")
+        .ok()
+        .flatten()
+        .unwrap_or(0);
+    observe(Hlc(kept.max(0) as u64));
+    restored.store(true, Ordering::Release);
 }
 
 fn now_ms() -> u64 {
@@ -25,6 +48,7 @@ fn now_ms() -> u64 {
 /// stamp: the new stamp is above it even if that stamp came from a peer whose
 /// wall clock runs ahead.
 fn tick(floor: Hlc) -> Hlc {
+    restore();
     let clock = CLOCK.get();
     let mut cur = clock.load(Ordering::Acquire);
     loop {

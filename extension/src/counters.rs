@@ -131,7 +131,11 @@ impl Counters {
             );
             self.0.entry(c.clone()).or_default().erase(&seen);
         }
-        self.count(&i.origin, &i.vv, i.delta.as_ref());
+        if crate::dead_letters::replaying() {
+            self.count_late(&i.origin, &i.vv, i.delta.as_ref());
+        } else {
+            self.count(&i.origin, &i.vv, i.delta.as_ref());
+        }
     }
 
     fn count(&mut self, region: &str, vv: &VersionVector, delta: Option<&Map<String, Value>>) {
@@ -144,21 +148,33 @@ impl Counters {
         }
     }
 
+    /// A replayed dead letter's increments (`Counter::count_late`).
+    fn count_late(&mut self, region: &str, vv: &VersionVector, delta: Option<&Map<String, Value>>) {
+        for (c, d) in delta.into_iter().flatten() {
+            let d = Exact(d.to_string());
+            self.0
+                .entry(c.clone())
+                .or_default()
+                .count_late(region, vv.get(region), &d);
+        }
+    }
+
     /// Erases everything counted here; returns it, for the intent.
     fn reset_here(&mut self) -> Option<BTreeMap<String, Tally<Number>>> {
         let mut erases = BTreeMap::new();
         for (c, counter) in &mut self.0 {
             let counted = counter.counted.clone();
             counter.erase(&counted);
-            let wire = counted.0.into_iter().map(|(r, p)| {
-                let sum = serde_json::from_str(&p.sum.0).expect("an exact number is a JSON number");
-                (
+            // NaN and infinities (numeric) are no JSON number: not sent.
+            let wire = counted.0.into_iter().filter_map(|(r, p)| {
+                let sum = serde_json::from_str(&p.sum.0).ok()?;
+                Some((
                     r,
                     Part {
                         writes: p.writes,
                         sum,
                     },
-                )
+                ))
             });
             erases.insert(c.clone(), Tally(wire.collect()));
         }

@@ -9,6 +9,33 @@ use crate::spi::run_kept;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+thread_local! {
+    /// Set while a kept intent is applied: counters count its increments
+    /// although later writes of its region were counted already.
+    static REPLAYING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the intent being applied is a replayed dead letter.
+pub fn replaying() -> bool {
+    REPLAYING.with(std::cell::Cell::get)
+}
+
+/// Marks a replay for as long as it lives, also when the apply raises.
+struct Replaying;
+
+impl Replaying {
+    fn start() -> Replaying {
+        REPLAYING.with(|r| r.set(true));
+        Replaying
+    }
+}
+
+impl Drop for Replaying {
+    fn drop(&mut self) {
+        REPLAYING.with(|r| r.set(false));
+    }
+}
+
 const KEPT_SQL: &str = "SELECT id::text, origin, intent FROM foreshadow.dead_letters \
      WHERE kind = $1 ORDER BY id FOR UPDATE";
 const DONE_SQL: &str = "DELETE FROM foreshadow.dead_letters WHERE id = $1::bigint";
@@ -39,7 +66,9 @@ fn retry_dead_letters() -> i64 {
             if !global {
                 continue;
             }
+            let replay = Replaying::start();
             let arrived = apply_raw(client, &mut heaps, origin, intent);
+            drop(replay);
             run_kept(client, DONE_SQL, &[pg_sys::TEXTOID], &[id.as_str().into()]);
             if let Arrived::Data(o) = arrived {
                 crate::apply::count(

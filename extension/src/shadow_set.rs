@@ -68,11 +68,12 @@ fn announce_shadow_set(tbl: pg_sys::Oid) {
     });
 }
 
+const CURRENT_SQL: &str = "SELECT t.shadow_epoch::pg_catalog.text, \
+        pg_catalog.array_to_json(t.shadows)::pg_catalog.text \
+   FROM foreshadow.tables t WHERE t.relid OPERATOR(pg_catalog.=) $1 FOR UPDATE";
 const ADOPT_SQL: &str = "UPDATE foreshadow.tables t \
     SET shadows = foreshadow.checked_shadows($2), shadow_epoch = $3 \
-  WHERE t.relid OPERATOR(pg_catalog.=) $1 \
-    AND ROW(t.shadow_epoch, t.shadows) OPERATOR(pg_catalog.<) ROW($3, $2) \
- RETURNING 1";
+  WHERE t.relid OPERATOR(pg_catalog.=) $1";
 
 /// Adopts a peer's shadow set for `t` if it is later than the one here.
 /// Returns whether it changed anything. A table that is not a merge table
@@ -89,17 +90,25 @@ pub fn adopt(client: &mut SpiClient<'_>, t: &Table, set: &ShadowSet) -> bool {
             "Give the table the same strategy in every region; replication from that region resumes by itself.",
         );
     }
+    // Compared by the model's order (byte order of the names), not SQL's
+    // (the database's collation), so that every region picks the same.
+    let here = run_kept(client, CURRENT_SQL, &[pg_sys::OIDOID], &[t.relid.into()]);
+    let field = |i: usize| here.first().and_then(|r| r[i].clone()).unwrap_or_default();
+    let current = ShadowSet {
+        epoch: field(0).parse().unwrap_or(0),
+        regions: serde_json::from_str(&field(1)).unwrap_or_default(),
+    };
+    if *set <= current {
+        return false;
+    }
     let epoch = i32::try_from(set.epoch).unwrap_or(i32::MAX);
-    let changed = !run_kept(
+    run_kept(
         client,
         ADOPT_SQL,
         &[pg_sys::OIDOID, pg_sys::TEXTARRAYOID, pg_sys::INT4OID],
         &[t.relid.into(), set.regions.clone().into(), epoch.into()],
-    )
-    .is_empty();
-    if changed {
-        // Every session's cached table (its shadows) is stale now.
-        unsafe { pg_sys::CacheInvalidateRelcacheByRelid(t.relid) };
-    }
-    changed
+    );
+    // Every session's cached table (its shadows) is stale now.
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(t.relid) };
+    true
 }

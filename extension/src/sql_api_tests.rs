@@ -752,6 +752,83 @@ mod tests {
         );
     }
 
+    /// An increment kept as a dead letter (its table was not global here)
+    /// and replayed after a later write of its region was counted still
+    /// counts, once.
+    #[pg_test]
+    fn a_replayed_increment_counts_after_later_ones() {
+        Spi::run("CREATE TABLE public.c (id int PRIMARY KEY, n bigint NOT NULL, note text)")
+            .unwrap();
+        let write = |w: i64, op: &str, n: i64, delta: i64| {
+            format!(
+                r#"[{{"v":2,"origin":"peer","hlc":{w},"schema":"public","table":"c","op":"{op}","key":{{"id":"1"}},"row":{{"id":"1","n":"{n}","note":null}},"vv":{{"peer":{w}}},"delta":{{"n":{delta}}},"strategy":"lww","class":"data"}}]"#
+            )
+        };
+        apply(&write(1, "insert", 5, 5));
+        Spi::run("SELECT foreshadow.make_global('public.c')").unwrap();
+        Spi::run("SELECT foreshadow.set_column_strategy('public.c', 'n', 'counter')").unwrap();
+        apply(&write(2, "update", 8, 3));
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT foreshadow.retry_dead_letters()"),
+            Ok(Some(1))
+        );
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT n FROM c WHERE id = 1"),
+            Ok(Some(8))
+        );
+    }
+
+    /// Tombstones of lww tables go once every other region's heartbeat is
+    /// past them, and not while an intent kept for a table that was not
+    /// global here (which may be replayed, with its old stamp) is older,
+    /// nor while a region replicates here that foreshadow.regions omits.
+    #[pg_test]
+    fn tombstones_go_when_every_region_is_past_them() {
+        Spi::run("CREATE TABLE public.t (id int PRIMARY KEY)").unwrap();
+        Spi::run("SELECT foreshadow.make_global('public.t')").unwrap();
+        let tombstones = || {
+            Spi::get_one::<i64>("SELECT count(*) FROM foreshadow.row_versions WHERE deleted")
+                .unwrap()
+                .unwrap()
+        };
+        let collect = || {
+            Spi::get_one::<i64>("SELECT foreshadow.collect_tombstones()")
+                .unwrap()
+                .unwrap()
+        };
+        Spi::run("INSERT INTO t VALUES (1); DELETE FROM t").unwrap();
+        assert_eq!((collect(), tombstones()), (0, 1), "peer not heard from yet");
+        Spi::run(
+            "INSERT INTO foreshadow.stability VALUES \
+             ('peer', 4611686018427387904, '{\"test-region\": 4611686018427387904}', now())",
+        )
+        .unwrap();
+        Spi::run(
+            "INSERT INTO foreshadow.dead_letters (origin, kind, reason, intent) VALUES \
+             ('peer', 'not_global', 'test', '{\"hlc\": 5}')",
+        )
+        .unwrap();
+        assert_eq!((collect(), tombstones()), (0, 1), "a kept intent is older");
+        Spi::run("DELETE FROM foreshadow.dead_letters").unwrap();
+        Spi::run("SELECT pg_replication_origin_create('foreshadow_from_mars')").unwrap();
+        assert_eq!(
+            (collect(), tombstones()),
+            (0, 1),
+            "mars is not in foreshadow.regions"
+        );
+        Spi::run("SELECT pg_replication_origin_drop('foreshadow_from_mars')").unwrap();
+        assert_eq!((collect(), tombstones()), (1, 0));
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM foreshadow.tombstones"),
+            Ok(Some(0))
+        );
+        // The clock is kept for a restart: at least what was collected.
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT clock > 0 FROM foreshadow.heartbeat"),
+            Ok(Some(true))
+        );
+    }
+
     #[pg_test(error = "cannot re-announce public.c: it has counter columns")]
     fn reannounce_refuses_tables_with_counters() {
         setup_counters();

@@ -21,7 +21,11 @@ use std::collections::BTreeMap;
 const STATE_SQL: &str = "SELECT pending_hlc::pg_catalog.text, pending_xid::pg_catalog.text, \
    below::pg_catalog.text, seen::pg_catalog.text FROM foreshadow.heartbeat FOR UPDATE";
 const SAVE_SQL: &str = "UPDATE foreshadow.heartbeat SET pending_hlc = $1, \
-   pending_xid = $2::pg_catalog.xid8, below = $3, seen = $4::pg_catalog.jsonb, beat_at = pg_catalog.now()";
+   pending_xid = $2::pg_catalog.xid8, below = $3, seen = $4::pg_catalog.jsonb, beat_at = pg_catalog.now(), \
+   clock = GREATEST(clock, $5)";
+/// Kept so that the clock never restarts below what this region has
+/// announced or forgotten (clock::restore).
+const KEEP_CLOCK_SQL: &str = "UPDATE foreshadow.heartbeat SET clock = GREATEST(clock, $1)";
 const HEARD_SQL: &str =
     "SELECT region, below::pg_catalog.text, seen::pg_catalog.text FROM foreshadow.stability";
 
@@ -84,6 +88,9 @@ fn heartbeat() -> i64 {
         let moved = field(2).and_then(|s| s.parse().ok()) != Some(below)
             || field(3).and_then(|s| serde_json::from_str::<BTreeMap<String, Hlc>>(&s).ok())
                 != Some(seen.clone());
+        // What this heartbeat announces: its own clock's reading and the
+        // other regions' `below`s.
+        let announced = seen.values().map(|h| h.0).fold(now.0, u64::max);
         run_kept(
             client,
             SAVE_SQL,
@@ -92,12 +99,14 @@ fn heartbeat() -> i64 {
                 pg_sys::TEXTOID,
                 pg_sys::INT8OID,
                 pg_sys::TEXTOID,
+                pg_sys::INT8OID,
             ],
             &[
                 pending.0.into(),
                 pending.1.to_string().into(),
                 below.into(),
                 seen_text.into(),
+                (announced.min(i64::MAX as u64) as i64).into(),
             ],
         );
         if moved && below > 0 {
@@ -174,16 +183,34 @@ pub fn queue(client: &mut SpiClient<'_>, relid: pg_sys::Oid, key: &str, hlc: Hlc
     );
 }
 
+/// At most this many per call, oldest first, so that one call after a long
+/// partition does not hold the sidecar's connection (and its fallbacks).
+const BATCH: i64 = 10_000;
+
+/// Runs with `search_path` pinned (collect_tombstones): plain names and
+/// operators are pg_catalog's.
 const COLLECT_SQL: &str = "WITH h AS (\
-     SELECT key AS origin, value::pg_catalog.int8 AS below FROM pg_catalog.jsonb_each_text($1::pg_catalog.jsonb)), \
+     SELECT key AS origin, value::int8 AS below FROM jsonb_each_text($1::jsonb)), \
    due AS (\
-     DELETE FROM foreshadow.tombstones q USING h \
-      WHERE q.origin OPERATOR(pg_catalog.=) h.origin AND q.hlc OPERATOR(pg_catalog.<) h.below \
-     RETURNING q.relid, q.key, q.hlc) \
-   DELETE FROM foreshadow.row_versions v USING due \
-    WHERE v.relid OPERATOR(pg_catalog.=) due.relid AND v.key OPERATOR(pg_catalog.=) due.key \
-      AND v.hlc OPERATOR(pg_catalog.=) due.hlc AND v.deleted \
+     DELETE FROM foreshadow.tombstones q \
+      WHERE q.ctid = ANY (ARRAY(\
+        SELECT d.ctid FROM foreshadow.tombstones d JOIN h ON d.origin = h.origin \
+         WHERE d.hlc < h.below ORDER BY d.hlc LIMIT $2)) \
+     RETURNING q.relid, q.key, q.hlc, q.origin) \
+   DELETE FROM foreshadow.row_versions v USING due, foreshadow.tables t \
+    WHERE v.relid = due.relid AND v.key = due.key AND v.hlc = due.hlc AND v.origin = due.origin \
+      AND v.deleted AND t.relid = v.relid AND t.strategy = 'lww' AND cardinality(t.counter_cols) = 0 \
    RETURNING 1";
+
+/// The regions whose streams this region applies (its replication origins).
+const CONSUMED_SQL: &str = "SELECT substr(roname, 17) FROM pg_replication_origin \
+    WHERE starts_with(roname, 'foreshadow_from_')";
+
+/// The oldest stamp among the intents kept because their table was not
+/// global here: retry_dead_letters() may apply them later, old stamps and
+/// all, so no tombstone at or above it may go yet.
+const KEPT_SQL: &str = "SELECT min((intent::jsonb ->> 'hlc')::int8)::text \
+   FROM foreshadow.dead_letters WHERE kind = 'not_global'";
 
 /// Drops the tombstones every region's heartbeats allow (a version written
 /// since, by a later write of the row, stays). Returns how many. Nothing
@@ -194,11 +221,39 @@ const COLLECT_SQL: &str = "WITH h AS (\
 fn collect_tombstones() -> i64 {
     let (me, regions) = (crate::gucs::region(), crate::gucs::regions());
     Spi::connect_mut(|client| {
-        let h = horizons(&me, &regions, &heard(client));
+        let consumed = run_kept(client, CONSUMED_SQL, &[], &[]);
+        if let Some(peer) = consumed
+            .iter()
+            .filter_map(|r| r[0].as_ref())
+            .find(|p| !regions.contains(p))
+        {
+            // Its writes could be older than any tombstone: keep them all.
+            pgrx::warning!(
+                "foreshadow: not collecting tombstones: region {peer} replicates here but is not in foreshadow.regions"
+            );
+            return 0;
+        }
+        let mut h = horizons(&me, &regions, &heard(client));
         if h.is_empty() {
             return 0;
         }
+        let kept = run_kept(client, KEPT_SQL, &[], &[]);
+        if let Some(oldest) = kept.first().and_then(|r| r[0].as_deref()?.parse().ok()) {
+            h.values_mut().for_each(|v| *v = (*v).min(Hlc(oldest)));
+        }
+        let now = crate::clock::now().0.min(i64::MAX as u64) as i64;
+        run_kept(client, KEEP_CLOCK_SQL, &[pg_sys::INT8OID], &[now.into()]);
+        let h: BTreeMap<&String, i64> = h
+            .iter()
+            .map(|(o, v)| (o, v.0.min(i64::MAX as u64) as i64))
+            .collect();
         let h = serde_json::to_string(&h).expect("stamps serialise");
-        run_kept(client, COLLECT_SQL, &[pg_sys::TEXTOID], &[h.into()]).len() as i64
+        run_kept(
+            client,
+            COLLECT_SQL,
+            &[pg_sys::TEXTOID, pg_sys::INT8OID],
+            &[h.into(), BATCH.into()],
+        )
+        .len() as i64
     })
 }

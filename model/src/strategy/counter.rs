@@ -163,6 +163,19 @@ impl<S: Amount> Counter<S> {
         true
     }
 
+    /// Counts the increment `delta` of `region`'s write number `write` that
+    /// arrives after later writes of that region were counted: a write kept
+    /// aside and applied since, exactly once (a dead letter replayed once
+    /// its table is global here). Its region's part covers it already by
+    /// number, and now by sum too. A write not yet covered counts as
+    /// [`Counter::count`] does.
+    pub fn count_late(&mut self, region: &str, write: u64, delta: &S) {
+        if !self.count(region, write, delta) {
+            let part = self.counted.0.entry(region.to_owned()).or_default();
+            part.sum = part.sum.plus(delta);
+        }
+    }
+
     /// A reset whose writer had counted `seen`: those increments no longer
     /// count.
     pub fn erase(&mut self, seen: &Tally<S>) {
