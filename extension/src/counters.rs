@@ -131,31 +131,21 @@ impl Counters {
             );
             self.0.entry(c.clone()).or_default().erase(&seen);
         }
-        if crate::dead_letters::replaying() {
-            self.count_late(&i.origin, &i.vv, i.delta.as_ref());
-        } else {
-            self.count(&i.origin, &i.vv, i.delta.as_ref());
-        }
+        self.count(&i.origin, &i.vv, i.delta.as_ref());
     }
 
+    /// Counts a write's increments at its region's number for it; a
+    /// replayed dead letter's also when later writes of its region were
+    /// counted (`Counter::count_late`).
     fn count(&mut self, region: &str, vv: &VersionVector, delta: Option<&Map<String, Value>>) {
+        let late = crate::dead_letters::replaying();
         for (c, d) in delta.into_iter().flatten() {
-            let d = Exact(d.to_string());
-            self.0
-                .entry(c.clone())
-                .or_default()
-                .count(region, vv.get(region), &d);
-        }
-    }
-
-    /// A replayed dead letter's increments (`Counter::count_late`).
-    fn count_late(&mut self, region: &str, vv: &VersionVector, delta: Option<&Map<String, Value>>) {
-        for (c, d) in delta.into_iter().flatten() {
-            let d = Exact(d.to_string());
-            self.0
-                .entry(c.clone())
-                .or_default()
-                .count_late(region, vv.get(region), &d);
+            let (d, counter) = (Exact(d.to_string()), self.0.entry(c.clone()).or_default());
+            if late {
+                counter.count_late(region, vv.get(region), &d);
+            } else {
+                counter.count(region, vv.get(region), &d);
+            }
         }
     }
 
