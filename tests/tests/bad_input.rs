@@ -258,7 +258,7 @@ fn lab_cli_refuses_bad_engines_scenarios_and_sizes() {
             &["bench", "speed"],
             &[
                 "invalid value 'speed'",
-                "overhead, lag, conflicts, catchup, all",
+                "overhead, lag, conflicts, catchup, footprint, all",
             ],
         ),
         (&["bench", "lag", "--regions", "9"], &["9 is not in 2..=5"]),
