@@ -11,7 +11,8 @@
 //!   far its writes have all been sent, which the other regions need to
 //!   forget tombstones;
 //! - every 5 seconds, the tombstones every region's heartbeats allow this
-//!   region to forget (`foreshadow.collect_tombstones()`).
+//!   region to forget (`foreshadow.collect_tombstones()`, a batch at a
+//!   time: while a call forgets any, the next comes at the next tick).
 
 use crate::config::Config;
 use std::time::Duration;
@@ -23,12 +24,14 @@ const EVERY: Duration = Duration::from_millis(250);
 
 /// One call on the clock: its SQL (returning a count), every how many
 /// ticks, and what a non-zero count means, for the log (a warning if it
-/// needs an operator's eye).
+/// needs an operator's eye); `batched`: a non-zero count may mean more to
+/// do, so it is called again at the next tick.
 struct Call {
     sql: &'static str,
     ticks: u32,
     done: &'static str,
     warn: bool,
+    batched: bool,
 }
 
 const CALLS: [Call; 3] = [
@@ -37,24 +40,29 @@ const CALLS: [Call; 3] = [
         ticks: 1,
         done: "resolved open conflicts here: overdue (no resolution from their shadow within foreshadow.shadow_deadline), or of keys whose shadow this region has become",
         warn: true,
+        batched: false,
     },
     Call {
         sql: "SELECT foreshadow.heartbeat()",
         ticks: 4,
         done: "",
         warn: false,
+        batched: false,
     },
     Call {
         sql: "SELECT foreshadow.collect_tombstones()",
         ticks: 20,
         done: "forgot tombstones that no write can still need",
         warn: false,
+        batched: true,
     },
 ];
 
 pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) {
     let mut client = None;
     let mut tick: u32 = 0;
+    // The tick at which each call is next due.
+    let mut due = [0u32; CALLS.len()];
     while !*shutdown.borrow() {
         if client.is_none() {
             match crate::connect::connect(
@@ -70,11 +78,18 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) {
                 }
             }
         }
-        for call in CALLS.iter().filter(|c| tick.is_multiple_of(c.ticks)) {
+        for (call, due) in CALLS.iter().zip(&mut due) {
             let Some(c) = &client else { break };
+            if tick < *due {
+                continue;
+            }
+            *due = tick + call.ticks;
             match c.query_one(call.sql, &[]).await {
                 Ok(row) => {
                     let n: i64 = row.get(0);
+                    if call.batched && n > 0 {
+                        *due = tick + 1;
+                    }
                     match (n > 0 && !call.done.is_empty(), call.warn) {
                         (true, true) => tracing::warn!(count = n, "{}", call.done),
                         (true, false) => tracing::info!(count = n, "{}", call.done),
@@ -87,7 +102,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) {
                 }
             }
         }
-        tick = tick.wrapping_add(1);
+        tick += 1;
         tokio::select! {
             _ = tokio::time::sleep(EVERY) => {}
             _ = shutdown.changed() => {}

@@ -1,5 +1,6 @@
 //! `footprint`: what Foreshadow keeps per key while keys churn. Batches of
-//! new keys are inserted and deleted again, from each region in turn, until
+//! new keys are inserted and deleted again (one transaction per batch),
+//! from each region in turn, until
 //! `keys` distinct keys (1,000,000; `--quick`: 20,000) have come and gone.
 //! Every second each region reports its versions of the table (live rows
 //! and tombstones) and the size of the version store. Tombstones are
@@ -68,7 +69,7 @@ pub async fn run(opts: &BenchOptions, report: &mut Report) -> Result<(), String>
     .await?;
     let md = format!(
         "{keys} distinct keys inserted and deleted again in batches of {BATCH} (each batch one \
-         insert and one delete transaction, from each region in turn), {} regions, {} ms WAN.\n\n\
+         insert and one delete, in one transaction, from each region in turn), {} regions, {} ms WAN.\n\n\
          | keys | writing (s) | most tombstones in a region | most versions in a region | no tombstone left after the last delete (s) | tombstones at the end | version store, largest / at the end (MB) |\n|---|---|---|---|---|---|---|\n\
          | {keys} | {} | {} | {} | {} | {} | {:.1} / {:.1} |\n\n\
          Without collection every region would hold {keys} tombstones at the end.\n",
