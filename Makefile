@@ -61,7 +61,7 @@ test-integration: install
 	cargo build -p foreshadow-sidecar -p foreshadow-lab
 	cargo test -p foreshadow-lab -- --test-threads=1
 
-# The full benchmarks beside pglogical (about 15 minutes): results, report
+# The full benchmarks beside pglogical (about 17 minutes): results, report
 # and plots in bench/results/. `bench-quick` is the one-minute-per-scenario form.
 bench: install
 	foreshadow-lab bench all
