@@ -9,7 +9,7 @@ use crate::row_versions::{Store, Version};
 use foreshadow_model::intent::{MESSAGE_PREFIX, WIRE_VERSION};
 use foreshadow_model::strategy::counter::Tally;
 use foreshadow_model::strategy::leaf::Leaf;
-use foreshadow_model::{Hlc, Intent, IntentClass, Op};
+use foreshadow_model::{Hlc, Intent, IntentClass, Op, Strategy};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgTupleDesc;
@@ -305,6 +305,41 @@ fn emit_write(
         shadow_set: None,
         stability: None,
     });
+}
+
+/// Emits a metadata intent of this region (a shadow set, a heartbeat),
+/// stamped `hlc`, for `schema.table` (its `strategy`): `fill` sets what it
+/// carries. It describes no row: no key, no image.
+pub fn emit_metadata(
+    schema: &str,
+    table: &str,
+    strategy: Strategy,
+    hlc: Hlc,
+    fill: impl FnOnce(&mut Intent),
+) {
+    let origin = crate::gucs::region();
+    let mut vv = foreshadow_model::VersionVector::new();
+    vv.bump(&origin);
+    let mut intent = Intent {
+        v: WIRE_VERSION,
+        origin,
+        hlc,
+        schema: schema.into(),
+        table: table.into(),
+        op: Op::Update,
+        key: Map::new(),
+        row: None,
+        vv,
+        delta: None,
+        erases: None,
+        strategy: strategy.name().into(),
+        class: IntentClass::Metadata,
+        resolves: None,
+        shadow_set: None,
+        stability: None,
+    };
+    fill(&mut intent);
+    emit(&intent);
 }
 
 /// Emits `intent`, sealed, in the current transaction: a local write's, or

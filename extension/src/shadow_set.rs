@@ -7,11 +7,10 @@
 use crate::catalog::Table;
 use crate::errors::raise;
 use crate::spi::run_kept;
-use foreshadow_model::intent::{ShadowSet, WIRE_VERSION};
-use foreshadow_model::{Intent, IntentClass, Op, Strategy, VersionVector};
+use foreshadow_model::intent::ShadowSet;
+use foreshadow_model::Strategy;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use serde_json::Map;
 
 const SET_SQL: &str = "SELECT n.nspname::pg_catalog.text, c.relname::pg_catalog.text, \
        t.shadow_epoch, t.shadows \
@@ -45,26 +44,9 @@ fn announce_shadow_set(tbl: pg_sys::Oid) {
         };
         (text(1), text(2), set)
     });
-    let origin = crate::gucs::region();
-    let mut vv = VersionVector::new();
-    vv.bump(&origin);
-    crate::capture::emit(&Intent {
-        v: WIRE_VERSION,
-        origin,
-        hlc: crate::clock::stamp_above(foreshadow_model::Hlc(0)),
-        schema,
-        table,
-        op: Op::Update,
-        key: Map::new(),
-        row: None,
-        vv,
-        delta: None,
-        erases: None,
-        strategy: Strategy::Merge.name().into(),
-        class: IntentClass::Metadata,
-        resolves: None,
-        shadow_set: Some(set),
-        stability: None,
+    let hlc = crate::clock::stamp_above(foreshadow_model::Hlc(0));
+    crate::capture::emit_metadata(&schema, &table, Strategy::Merge, hlc, |i| {
+        i.shadow_set = Some(set)
     });
 }
 

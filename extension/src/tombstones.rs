@@ -9,12 +9,10 @@
 //! `vv` compare version vectors, and counters keep what resets erased.
 
 use crate::spi::run_kept;
-use foreshadow_model::intent::WIRE_VERSION;
 use foreshadow_model::stability::{horizons, Stability};
-use foreshadow_model::{Hlc, Intent, IntentClass, Op, Strategy, VersionVector};
+use foreshadow_model::{Hlc, Strategy};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use serde_json::Map;
 use std::collections::BTreeMap;
 
 // run_kept reads every column as text.
@@ -57,7 +55,6 @@ fn heartbeat() -> i64 {
     let oldest = unsafe { pg_sys::GetOldestActiveTransactionId() };
     let now = crate::clock::now();
     let next = unsafe { pg_sys::ReadNextFullTransactionId() }.value;
-    let region = crate::gucs::region();
     Spi::connect_mut(|client| {
         let state = run_kept(client, STATE_SQL, &[], &[])
             .pop()
@@ -110,28 +107,9 @@ fn heartbeat() -> i64 {
             ],
         );
         if moved && below > 0 {
-            let mut vv = VersionVector::new();
-            vv.bump(&region);
-            crate::capture::emit(&Intent {
-                v: WIRE_VERSION,
-                origin: region,
-                hlc: now,
-                schema: "foreshadow".into(),
-                table: "stability".into(),
-                op: Op::Update,
-                key: Map::new(),
-                row: None,
-                vv,
-                delta: None,
-                erases: None,
-                strategy: Strategy::Lww.name().into(),
-                class: IntentClass::Metadata,
-                resolves: None,
-                shadow_set: None,
-                stability: Some(Stability {
-                    below: Hlc(below as u64),
-                    seen,
-                }),
+            let below = Hlc(below as u64);
+            crate::capture::emit_metadata("foreshadow", "stability", Strategy::Lww, now, |i| {
+                i.stability = Some(Stability { below, seen })
             });
         }
         below

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{dead_letters, diff_rows, fault_all, names, CONVERGE};
+use common::{dead_letters, diff_rows, fault_all, names, run, CONVERGE};
 use foreshadow_lab::workload::Rng;
 use foreshadow_lab::{Fault, Lab};
 use std::collections::BTreeMap;
@@ -50,13 +50,6 @@ async fn hits(lab: &Lab, region: &str) -> BTreeMap<i32, i64> {
         .iter()
         .map(|row| (row.get(0), row.get(1)))
         .collect()
-}
-
-async fn run(lab: &Lab, region: &str, sql: &str) {
-    let c = lab.client(region).await.unwrap();
-    c.batch_execute(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{region}: {sql}: {}", common::pg_error(&e)));
 }
 
 /// Three concurrent writes to each row, while no region hears from any

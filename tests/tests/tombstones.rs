@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{names, scalar_i64, wait_for_everywhere, CONVERGE};
+use common::{names, run, scalar_i64, wait_for_everywhere, CONVERGE};
 use foreshadow_lab::Lab;
 use std::time::Duration;
 
@@ -23,13 +23,12 @@ async fn notes_lab(name: &str) -> (common::TestLab, Vec<String>) {
     (lab, r)
 }
 
-async fn run(lab: &Lab, region: &str, sql: &str) {
-    lab.client(region)
+/// Waits until every region holds `n` rows of `notes`.
+async fn notes_everywhere(lab: &Lab, n: usize) {
+    let count = "SELECT count(*)::text FROM notes";
+    wait_for_everywhere(lab, count, Some(&n.to_string()), CONVERGE)
         .await
-        .unwrap()
-        .batch_execute(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{region}: {sql}: {}", common::pg_error(&e)));
+        .unwrap();
 }
 
 /// Versions of `notes` rows (live or tombstones) in each region.
@@ -45,23 +44,9 @@ async fn tombstones_are_forgotten_once_every_region_has_moved_past_them() {
         "INSERT INTO notes SELECT g, 'n' FROM generate_series(1, 200) g",
     )
     .await;
-    wait_for_everywhere(
-        &lab,
-        "SELECT count(*)::text FROM notes",
-        Some("200"),
-        CONVERGE,
-    )
-    .await
-    .unwrap();
+    notes_everywhere(&lab, 200).await;
     run(&lab, &r[1], "DELETE FROM notes").await;
-    wait_for_everywhere(
-        &lab,
-        "SELECT count(*)::text FROM notes",
-        Some("0"),
-        CONVERGE,
-    )
-    .await
-    .unwrap();
+    notes_everywhere(&lab, 0).await;
     // 200 tombstones, then none: in every region, the queue too.
     wait_for_everywhere(&lab, VERSIONS, Some("0"), CONVERGE)
         .await
@@ -95,14 +80,7 @@ async fn an_open_transaction_keeps_the_tombstones_its_write_must_lose_to() {
         "INSERT INTO notes SELECT g, 'n' FROM generate_series(1, 5) g",
     )
     .await;
-    wait_for_everywhere(
-        &lab,
-        "SELECT count(*)::text FROM notes",
-        Some("5"),
-        CONVERGE,
-    )
-    .await
-    .unwrap();
+    notes_everywhere(&lab, 5).await;
 
     // Region 0 writes row 1 and does not commit yet; region 1 then deletes
     // every row, stamped later.
@@ -133,14 +111,7 @@ async fn an_open_transaction_keeps_the_tombstones_its_write_must_lose_to() {
 
     // The write commits: it is older than the delete and loses everywhere.
     open.batch_execute("COMMIT").await.unwrap();
-    wait_for_everywhere(
-        &lab,
-        "SELECT count(*)::text FROM notes",
-        Some("0"),
-        CONVERGE,
-    )
-    .await
-    .unwrap();
+    notes_everywhere(&lab, 0).await;
     wait_for_everywhere(&lab, VERSIONS, Some("0"), CONVERGE)
         .await
         .unwrap();

@@ -108,6 +108,15 @@ pub async fn text_in(lab: &Lab, region: &str, sql: &str) -> Result<Option<String
     Ok(row.get(0))
 }
 
+/// Runs `sql` (any statements) in `region`; a failure names the region,
+/// the statement and the error.
+pub async fn run(lab: &Lab, region: &str, sql: &str) {
+    let c = lab.client(region).await.unwrap();
+    c.batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{region}: {sql}: {}", pg_error(&e)));
+}
+
 /// A PostgreSQL error as `SQLSTATE: message`, or the client error.
 pub fn pg_error(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
