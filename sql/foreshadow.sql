@@ -107,6 +107,31 @@ CREATE TABLE foreshadow.tombstones (
 );
 CREATE INDEX tombstones_hlc ON foreshadow.tombstones (hlc);
 
+-- Rows of merge and vv tables whose version here is worth forgetting
+-- elsewhere once every region is past it (a merge conflict closed with its
+-- leaves kept, a deleted row), at the version they are at: heartbeat()
+-- sends them to every other region, and removes them here, in the
+-- transaction that sends them (settled.rs, docs/shadow-protocol.md).
+CREATE TABLE foreshadow.settled (
+    relid oid NOT NULL,
+    key   text COLLATE "C" NOT NULL,
+    vv    text NOT NULL,
+    PRIMARY KEY (relid, key)
+);
+
+-- What each other region's heartbeats said of rows here: its version of
+-- the row is at least `vv`, and every write it makes of the row after is
+-- above it. collect_settled() forgets a row's leaves or tombstone once
+-- every other region has said so of a version at least as high, and
+-- then what they said.
+CREATE TABLE foreshadow.settled_by (
+    relid  oid NOT NULL,
+    key    text COLLATE "C" NOT NULL,
+    region text NOT NULL,
+    vv     text NOT NULL,
+    PRIMARY KEY (relid, key, region)
+);
+
 -- Each other region's last heartbeat applied here (the model's
 -- stability::Stability): every write it stamped below `below` has arrived,
 -- and per region in `seen`, it has applied that region's writes stamped
@@ -335,9 +360,9 @@ $$;
 
 -- Per merge or vv table: its shadows and epoch, the conflicts open here
 -- (waiting for the shadow's resolution), the rows that keep leaves (a
--- resolved conflict's versions, kept until a write that has seen them all,
--- or vv siblings) and how many, the tombstones, and the bytes of its
--- version metadata here.
+-- resolved conflict's versions, kept until every region is past them or a
+-- write has seen them all; vv siblings) and how many, the tombstones, and
+-- the bytes of its version metadata here.
 CREATE VIEW foreshadow.shadow_status AS
 SELECT t.relid::regclass AS table_name, t.strategy, t.shadows, t.shadow_epoch,
        (SELECT count(*) FROM foreshadow.conflict_log c
@@ -593,6 +618,8 @@ BEGIN
     -- table that is still global.
     DELETE FROM foreshadow.row_versions v WHERE v.relid = tbl;
     DELETE FROM foreshadow.tombstones q WHERE q.relid = tbl;
+    DELETE FROM foreshadow.settled s WHERE s.relid = tbl;
+    DELETE FROM foreshadow.settled_by b WHERE b.relid = tbl;
     DELETE FROM foreshadow.tables t WHERE t.relid = tbl;
     EXECUTE format('DROP TRIGGER foreshadow_capture ON %s', tbl);
     EXECUTE format('DROP TRIGGER foreshadow_no_truncate ON %s', tbl);
@@ -777,7 +804,8 @@ BEGIN
                    'foreshadow.apply_transaction(text, text, text, text, timestamptz, integer), '
                    'foreshadow.note_lane_error(text, text), foreshadow.link_key(), '
                    'foreshadow.reannounce(oid), foreshadow.resolve_overdue(), '
-                   'foreshadow.heartbeat(), foreshadow.collect_tombstones() TO %s', role_name);
+                   'foreshadow.heartbeat(), foreshadow.collect_tombstones(), '
+                   'foreshadow.collect_settled() TO %s', role_name);
     EXECUTE format('GRANT EXECUTE ON FUNCTION pg_catalog.pg_replication_origin_create(text), '
                    'pg_catalog.pg_replication_origin_oid(text), '
                    'pg_catalog.pg_replication_origin_session_setup(text), '
@@ -798,6 +826,8 @@ BEGIN
      WHERE classid = 'pg_class'::regclass AND objsubid = 0;
     DELETE FROM foreshadow.row_versions v WHERE v.relid = ANY (dropped);
     DELETE FROM foreshadow.tombstones q WHERE q.relid = ANY (dropped);
+    DELETE FROM foreshadow.settled s WHERE s.relid = ANY (dropped);
+    DELETE FROM foreshadow.settled_by b WHERE b.relid = ANY (dropped);
     DELETE FROM foreshadow.conflict_log l WHERE l.relid = ANY (dropped);
     DELETE FROM foreshadow.tables t WHERE t.relid = ANY (dropped);
 END
@@ -891,7 +921,7 @@ ALTER EVENT TRIGGER foreshadow_guard_capture ENABLE ALWAYS;
 REVOKE EXECUTE ON FUNCTION foreshadow.make_global(regclass, text, boolean, regprocedure, text[]), foreshadow.drop_global(regclass),
     foreshadow.check_merge_function(regclass, text, regprocedure), foreshadow.checked_shadows(text[]),
     foreshadow.set_shadows(regclass, text[]), foreshadow.announce_shadow_set(oid), foreshadow.resolve_overdue(),
-    foreshadow.heartbeat(), foreshadow.collect_tombstones(),
+    foreshadow.heartbeat(), foreshadow.collect_tombstones(), foreshadow.collect_settled(),
     foreshadow.refresh_table(regclass), foreshadow.set_column_strategy(regclass, name, text),
     foreshadow.announce_rows(oid), foreshadow.reannounce(oid),
     foreshadow.apply_transaction(text, text, text, text, timestamptz, integer),

@@ -273,6 +273,10 @@ fn record(store: &Store, relid: pg_sys::Oid, t: &TableArgs, w: Write) {
     if op == Op::Delete && crate::tombstones::collectable(strategy, &t.counters) {
         Spi::connect_mut(|c| crate::tombstones::queue(c, relid, &key_text, hlc, &region));
     }
+    if op == Op::Delete && matches!(strategy, Some(Strategy::Merge | Strategy::Vv)) {
+        // Its tombstone goes once every region is past it (settled.rs).
+        Spi::connect_mut(|c| crate::settled::note(c, relid, &key_text, &version.vv));
+    }
     emit_write(t, version, op, key, row, delta, erases);
 }
 

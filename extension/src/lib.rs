@@ -19,6 +19,7 @@ mod leaves;
 mod merge;
 mod rights;
 mod row_versions;
+mod settled;
 mod shadow;
 mod shadow_set;
 mod spi;

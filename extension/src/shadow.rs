@@ -134,6 +134,10 @@ fn resolve(
         counters: None,
     };
     at.store.write(cur, at.t.relid, at.key_text, &version);
+    if at.t.strategy == Some(Strategy::Merge) {
+        // Closed, its leaves kept (vv: siblings, not to be forgotten).
+        crate::settled::note(client, at.t.relid, at.key_text, &version.vv);
+    }
     if publish {
         crate::capture::emit(&Intent {
             v: WIRE_VERSION,
@@ -231,7 +235,15 @@ fn apply_write(
     leaves.push(Leaf::from(i));
     let leaves = strategy::frontier(leaves);
     if leaves.len() == 1 {
+        // The version decide writes: this write's, joined with the one here.
+        let mut vv = i.vv.clone();
+        if let Some(h) = here {
+            vv.merge(&h.vv);
+        }
         let o = decide(x, cur);
+        if o.changed && i.op == Op::Delete {
+            crate::settled::note(client, at.t.relid, at.key_text, &vv);
+        }
         if was_open {
             conflicts::close(client, at.t.relid, at.key_text, "local", SUPERSEDED, 0);
         }
@@ -364,6 +376,9 @@ fn adopt(
             changed,
             conflict: (!was_open).then_some(c),
         };
+    }
+    if version.leaves.is_some() || version.deleted {
+        crate::settled::note(client, at.t.relid, at.key_text, &version.vv);
     }
     // From the key's owner, or a region that fell back.
     let by = if resolver_of(at.t, at.key_map) == Some(i.origin.as_str()) {

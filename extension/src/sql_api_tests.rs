@@ -778,6 +778,57 @@ mod tests {
         );
     }
 
+    /// A merge or vv row deleted here is noted as settled, and the next
+    /// heartbeat takes the note; its tombstone goes once every other
+    /// region has said it is at that version or past it, not before, and
+    /// not while an intent kept as not_global could still be applied.
+    #[pg_test]
+    fn settled_tombstones_go_when_every_region_is_past_them() {
+        Spi::run("CREATE TABLE public.s (id int PRIMARY KEY, v text)").unwrap();
+        Spi::run("SELECT foreshadow.make_global('public.s', strategy => 'vv')").unwrap();
+        Spi::run("INSERT INTO s VALUES (1, 'a'); DELETE FROM s").unwrap();
+        let count = |sql: &str| Spi::get_one::<i64>(sql).unwrap().unwrap();
+        let versions = || count("SELECT count(*) FROM foreshadow.row_versions");
+        let collect = || count("SELECT foreshadow.collect_settled()");
+        assert_eq!(
+            Spi::get_one::<String>("SELECT vv FROM foreshadow.settled"),
+            Ok(Some(r#"{"test-region":2}"#.into())),
+            "the delete's version, noted"
+        );
+        let said = |vv: &str| {
+            Spi::run(&format!(
+                "INSERT INTO foreshadow.settled_by SELECT relid, key, 'peer', '{vv}' \
+                   FROM foreshadow.row_versions \
+                 ON CONFLICT (relid, key, region) DO UPDATE SET vv = EXCLUDED.vv"
+            ))
+            .unwrap()
+        };
+        assert_eq!((collect(), versions()), (0, 1), "the peer said nothing");
+        said(r#"{"test-region":1}"#);
+        assert_eq!(
+            (collect(), versions()),
+            (0, 1),
+            "the peer is at the insert, not the delete"
+        );
+        said(r#"{"test-region":2,"peer":1}"#);
+        Spi::run(
+            "INSERT INTO foreshadow.dead_letters (origin, kind, reason, intent) VALUES \
+             ('peer', 'not_global', 'test', '{\"hlc\": 5}')",
+        )
+        .unwrap();
+        assert_eq!((collect(), versions()), (0, 1), "a kept intent");
+        Spi::run("DELETE FROM foreshadow.dead_letters").unwrap();
+        assert_eq!((collect(), versions()), (1, 0));
+        assert_eq!(count("SELECT count(*) FROM foreshadow.settled_by"), 0);
+        // A heartbeat that is sent takes the note with it (one with nothing
+        // below it yet is not sent, and keeps it).
+        assert_eq!(count("SELECT foreshadow.heartbeat()"), 0);
+        assert_eq!(count("SELECT count(*) FROM foreshadow.settled"), 1);
+        Spi::run("UPDATE foreshadow.heartbeat SET below = 5").unwrap();
+        assert_eq!(count("SELECT foreshadow.heartbeat()"), 5);
+        assert_eq!(count("SELECT count(*) FROM foreshadow.settled"), 0);
+    }
+
     /// Tombstones of lww tables go once every other region's heartbeat is
     /// past them, and not while an intent kept for a table that was not
     /// global here (which may be replayed, with its old stamp) is older,

@@ -35,7 +35,14 @@ fn heard(client: &mut SpiClient<'_>) -> BTreeMap<String, Stability> {
             let region = row[0].clone()?;
             let below = Hlc(row[1].as_deref()?.parse().ok()?);
             let seen = serde_json::from_str(row[2].as_deref()?).ok()?;
-            Some((region, Stability { below, seen }))
+            Some((
+                region,
+                Stability {
+                    below,
+                    seen,
+                    ..Stability::default()
+                },
+            ))
         })
         .collect()
 }
@@ -106,11 +113,19 @@ fn heartbeat() -> i64 {
                 (announced.min(i64::MAX as u64) as i64).into(),
             ],
         );
-        if moved && below > 0 {
-            let below = Hlc(below as u64);
-            crate::capture::emit_metadata("foreshadow", "stability", Strategy::Lww, now, |i| {
-                i.stability = Some(Stability { below, seen })
-            });
+        if below > 0 {
+            // Taken (and removed) only when a heartbeat will carry them.
+            let settled = crate::settled::take(client);
+            if moved || !settled.is_empty() {
+                let below = Hlc(below as u64);
+                crate::capture::emit_metadata("foreshadow", "stability", Strategy::Lww, now, |i| {
+                    i.stability = Some(Stability {
+                        below,
+                        seen,
+                        settled,
+                    })
+                });
+            }
         }
         below
     })
@@ -121,8 +136,10 @@ const HEAR_SQL: &str = "INSERT INTO foreshadow.stability AS s (region, below, se
    ON CONFLICT (region) DO UPDATE SET below = GREATEST(s.below, EXCLUDED.below), \
    seen = EXCLUDED.seen, heard_at = EXCLUDED.heard_at";
 
-/// Records a peer's heartbeat (applied in its stream's order).
+/// Records a peer's heartbeat (applied in its stream's order), and the
+/// rows it says have settled there.
 pub fn hear(client: &mut SpiClient<'_>, origin: &str, s: &Stability) {
+    crate::settled::hear(client, origin, &s.settled);
     let seen = serde_json::to_string(&s.seen).expect("stamps serialise");
     run_kept(
         client,
@@ -184,6 +201,25 @@ const COLLECT_SQL: &str = "WITH h AS (\
 const CONSUMED_SQL: &str = "SELECT substr(roname, 17) FROM pg_replication_origin \
     WHERE starts_with(roname, 'foreshadow_from_')";
 
+/// Whether a region replicates here that `foreshadow.regions` does not
+/// list (warned of, naming `what` is not collected): its heartbeats are not
+/// waited for, and its writes could need anything this region keeps.
+pub fn unlisted_peer(client: &mut SpiClient<'_>, what: &str) -> bool {
+    let regions = crate::gucs::regions();
+    let consumed = run_kept(client, CONSUMED_SQL, &[], &[]);
+    let Some(peer) = consumed
+        .iter()
+        .filter_map(|r| r[0].as_ref())
+        .find(|p| !regions.contains(p))
+    else {
+        return false;
+    };
+    pgrx::warning!(
+        "foreshadow: not collecting {what}: region {peer} replicates here but is not in foreshadow.regions"
+    );
+    true
+}
+
 /// The oldest stamp among the intents kept because their table was not
 /// global here: retry_dead_letters() may apply them later, old stamps and
 /// all, so no tombstone at or above it may go yet.
@@ -199,16 +235,7 @@ const KEPT_SQL: &str = "SELECT min((intent::jsonb ->> 'hlc')::int8)::text \
 fn collect_tombstones() -> i64 {
     let (me, regions) = (crate::gucs::region(), crate::gucs::regions());
     Spi::connect_mut(|client| {
-        let consumed = run_kept(client, CONSUMED_SQL, &[], &[]);
-        if let Some(peer) = consumed
-            .iter()
-            .filter_map(|r| r[0].as_ref())
-            .find(|p| !regions.contains(p))
-        {
-            // Its writes could be older than any tombstone: keep them all.
-            pgrx::warning!(
-                "foreshadow: not collecting tombstones: region {peer} replicates here but is not in foreshadow.regions"
-            );
+        if unlisted_peer(client, "tombstones") {
             return 0;
         }
         let mut h = horizons(&me, &regions, &heard(client));

@@ -156,6 +156,15 @@ impl Intent {
         {
             return Err(IntentError::Metadata("carries a row"));
         }
+        let settled = self.stability.iter().flat_map(|s| &s.settled);
+        if settled
+            .into_iter()
+            .any(|s| s.schema.is_empty() || s.table.is_empty() || s.key.is_empty())
+        {
+            return Err(IntentError::Metadata(
+                "says a row has settled without naming its table and key",
+            ));
+        }
         if set.is_some_and(|set| !set.regions.windows(2).all(|w| w[0] < w[1])) {
             return Err(IntentError::Metadata(
                 "has shadow regions not sorted or named twice",

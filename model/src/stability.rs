@@ -9,8 +9,9 @@
 //! of that region stamped below it). The streams are in commit order, so a
 //! heartbeat arrives after every write it vouches for.
 
-use crate::Hlc;
+use crate::{Causality, Hlc, VersionVector};
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
 /// One region's heartbeat.
@@ -22,6 +23,46 @@ pub struct Stability {
     /// applied by this region.
     #[serde(default)]
     pub seen: BTreeMap<String, Hlc>,
+    /// Rows of merge and vv tables that have settled in the region since
+    /// its last heartbeat (see `forgettable`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub settled: Vec<Settled>,
+}
+
+/// A row whose version in the heartbeat's region is at least `vv`: every
+/// write that region makes of it from now on is above `vv` (a write is
+/// based on the row's applied version, which only grows, R1), and every
+/// write it made before is earlier on its stream than this heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settled {
+    pub schema: String,
+    pub table: String,
+    pub key: Map<String, Value>,
+    pub vv: VersionVector,
+}
+
+/// Whether a region may forget what it keeps of a row beyond its version
+/// `vv` — a resolved conflict's leaves, or the row's tombstone — given
+/// what each of `peers` (every other region) has said has `settled` there.
+/// Leaves are kept so that a write concurrent with one of them is folded
+/// with all of them; a tombstone, so that a write it has seen does not
+/// bring the row back. Once every other region is at `vv` or past it, and
+/// this region has applied everything each of them wrote before saying
+/// so, every write still to come here is above `vv`: it supersedes the
+/// leaves and the tombstone alike. Only a `closed` row (no leaf pending
+/// here) is at `vv` as a whole.
+pub fn forgettable(
+    closed: bool,
+    vv: &VersionVector,
+    settled: &BTreeMap<String, VersionVector>,
+    peers: &[String],
+) -> bool {
+    closed
+        && peers.iter().all(|p| {
+            settled
+                .get(p)
+                .is_some_and(|s| matches!(s.compare(vv), Causality::Dominates | Causality::Equal))
+        })
 }
 
 /// Per origin region, the stamp below which region `me` may drop a
@@ -68,7 +109,43 @@ mod tests {
         Stability {
             below: Hlc(below),
             seen: seen.iter().map(|(r, h)| (r.to_string(), Hlc(*h))).collect(),
+            settled: Vec::new(),
         }
+    }
+
+    fn vv(entries: &[(&str, u64)]) -> VersionVector {
+        let mut v = VersionVector::new();
+        for (r, n) in entries {
+            for _ in 0..*n {
+                v.bump(r);
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn a_row_is_forgotten_once_every_other_region_is_past_it() {
+        let peers: Vec<String> = ["b", "c"].map(String::from).to_vec();
+        let row = vv(&[("a", 1), ("b", 1)]);
+        let mut said = BTreeMap::new();
+        said.insert("b".to_string(), row.clone());
+        assert!(
+            !forgettable(true, &row, &said, &peers),
+            "c has said nothing"
+        );
+        // c is at a version concurrent with the row's: a write it makes
+        // can still be concurrent with a leaf.
+        said.insert("c".to_string(), vv(&[("a", 1), ("c", 1)]));
+        assert!(!forgettable(true, &row, &said, &peers));
+        said.insert("c".to_string(), vv(&[("a", 1), ("b", 1), ("c", 2)]));
+        assert!(forgettable(true, &row, &said, &peers));
+        assert!(
+            !forgettable(false, &row, &said, &peers),
+            "a conflict still open here"
+        );
+        // A row that has moved on since: the others must catch up.
+        let later = vv(&[("a", 2), ("b", 1)]);
+        assert!(!forgettable(true, &later, &said, &peers));
     }
 
     #[test]

@@ -12,7 +12,10 @@
 //!   forget tombstones;
 //! - every 5 seconds, the tombstones every region's heartbeats allow this
 //!   region to forget (`foreshadow.collect_tombstones()`, a batch at a
-//!   time: while a call forgets any, the next comes at the next tick).
+//!   time: while a call forgets any, the next comes at the next tick), and
+//!   the leaves of resolved conflicts and tombstones of merge and vv tables
+//!   that every region has said it is past (`foreshadow.collect_settled()`,
+//!   the same way).
 
 use crate::config::Config;
 use std::time::Duration;
@@ -34,7 +37,7 @@ struct Call {
     batched: bool,
 }
 
-const CALLS: [Call; 3] = [
+const CALLS: [Call; 4] = [
     Call {
         sql: "SELECT foreshadow.resolve_overdue()",
         ticks: 1,
@@ -53,6 +56,13 @@ const CALLS: [Call; 3] = [
         sql: "SELECT foreshadow.collect_tombstones()",
         ticks: 20,
         done: "forgot tombstones that no write can still need",
+        warn: false,
+        batched: true,
+    },
+    Call {
+        sql: "SELECT foreshadow.collect_settled()",
+        ticks: 20,
+        done: "forgot resolved conflicts' leaves and tombstones of merge and vv tables that every region is past",
         warn: false,
         batched: true,
     },

@@ -78,11 +78,21 @@ pub async fn carts(lab: &Lab, region: &str) -> BTreeMap<i64, Vec<String>> {
 /// Each of `regions` adds `<region>-<key>` to every cart; the writes as
 /// leaves (version, stamp, row), by key.
 pub async fn add_one_item_each(lab: &Lab, regions: &[String]) -> BTreeMap<i64, Vec<Leaf>> {
+    add_tagged_item_each(lab, regions, "").await
+}
+
+/// `add_one_item_each` with the items `<region>-<key><tag>`, for a later
+/// round of writes to the same carts.
+pub async fn add_tagged_item_each(
+    lab: &Lab,
+    regions: &[String],
+    tag: &str,
+) -> BTreeMap<i64, Vec<Leaf>> {
     let mut writes: BTreeMap<i64, Vec<Leaf>> = BTreeMap::new();
     for region in regions {
         let c = lab.client(region).await.unwrap();
         for k in 0..KEYS {
-            let item = format!("{region}-{k}");
+            let item = format!("{region}-{k}{tag}");
             c.execute(
                 "UPDATE carts SET items = items || $2::text WHERE id = $1",
                 &[&k, &item],

@@ -1,0 +1,242 @@
+//! Forgetting what a merge or vv table keeps of a row once no region can
+//! still need it (docs/shadow-protocol.md, "Forgetting settled versions"):
+//! a resolved conflict's leaves (merge) and a deleted row's tombstone
+//! (merge, vv).
+//!
+//! Leaves are kept so that a write concurrent with one of them is folded
+//! with all of them, the same in every region. No such write can come from
+//! a region once its row's version has reached the join of the leaves:
+//! every write it makes after that is above it (R1: a write is based on
+//! the applied version, which only grows). So each region notes, when its
+//! row settles at a version worth forgetting (`note`), and its next
+//! heartbeat tells the others (`take`, `hear`), on its intent stream: after
+//! every write it made before. A region forgets a closed conflict's leaves,
+//! or a tombstone, once every other region has said so of a version at
+//! least as high (`collect_settled`, the model's `stability::forgettable`).
+
+use crate::spi::run_kept;
+use foreshadow_model::stability::{forgettable, Settled};
+use foreshadow_model::{Strategy, VersionVector};
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use std::collections::BTreeMap;
+
+const NOTE_SQL: &str = "INSERT INTO foreshadow.settled AS s (relid, key, vv) VALUES ($1, $2, $3) \
+   ON CONFLICT (relid, key) DO UPDATE SET vv = EXCLUDED.vv";
+
+/// Notes that row `key` of `relid` is here at version `vv` (a later note of
+/// the same row replaces it: a row's version only grows), for the next
+/// heartbeat. Called where a merge table's conflict closes with its leaves
+/// kept, and where a merge or vv row is deleted.
+pub fn note(client: &mut SpiClient<'_>, relid: pg_sys::Oid, key: &str, vv: &VersionVector) {
+    let vv = serde_json::to_string(vv).expect("a version vector serialises");
+    run_kept(
+        client,
+        NOTE_SQL,
+        &[pg_sys::OIDOID, pg_sys::TEXTOID, pg_sys::TEXTOID],
+        &[relid.into(), key.into(), vv.into()],
+    );
+}
+
+/// At most this many rows in one heartbeat; the rest go in the next.
+const PER_HEARTBEAT: i64 = 1_000;
+
+/// Runs with `search_path` pinned (heartbeat): plain names are pg_catalog's.
+const TAKE_SQL: &str = "WITH taken AS (\
+     DELETE FROM foreshadow.settled s \
+      WHERE s.ctid = ANY (ARRAY(SELECT ctid FROM foreshadow.settled LIMIT $1)) \
+     RETURNING s.relid, s.key, s.vv) \
+   SELECT n.nspname::text, c.relname::text, taken.key, taken.vv \
+     FROM taken JOIN pg_class c ON c.oid = taken.relid \
+     JOIN pg_namespace n ON n.oid = c.relnamespace";
+
+/// The rows noted since the last heartbeat, removed here: the heartbeat
+/// that carries them commits in the same transaction.
+pub fn take(client: &mut SpiClient<'_>) -> Vec<Settled> {
+    run_kept(
+        client,
+        TAKE_SQL,
+        &[pg_sys::INT8OID],
+        &[PER_HEARTBEAT.into()],
+    )
+    .into_iter()
+    .filter_map(|row| {
+        Some(Settled {
+            schema: row[0].clone()?,
+            table: row[1].clone()?,
+            key: serde_json::from_str(row[2].as_deref()?).ok()?,
+            vv: serde_json::from_str(row[3].as_deref()?).ok()?,
+        })
+    })
+    .collect()
+}
+
+const HEAR_SQL: &str = "INSERT INTO foreshadow.settled_by AS b (relid, key, region, vv) \
+   VALUES ($1, $2, $3, $4) ON CONFLICT (relid, key, region) DO UPDATE SET vv = EXCLUDED.vv";
+
+/// Records what a peer's heartbeat says has settled there (rows of tables
+/// not global here are nothing to this region).
+pub fn hear(client: &mut SpiClient<'_>, origin: &str, settled: &[Settled]) {
+    for s in settled {
+        let Some(t) = crate::catalog::table(client, &s.schema, &s.table) else {
+            continue;
+        };
+        let key = serde_json::to_string(&s.key).expect("a key serialises");
+        let vv = serde_json::to_string(&s.vv).expect("a version vector serialises");
+        run_kept(
+            client,
+            HEAR_SQL,
+            &[
+                pg_sys::OIDOID,
+                pg_sys::TEXTOID,
+                pg_sys::TEXTOID,
+                pg_sys::TEXTOID,
+            ],
+            &[t.relid.into(), key.into(), origin.into(), vv.into()],
+        );
+    }
+}
+
+/// At most this many rows per call, so that one call does not hold the
+/// sidecar's connection (and its fallbacks).
+const BATCH: i64 = 10_000;
+
+/// Runs with `search_path` pinned (collect_settled). What a region said of
+/// a row its version here has already passed (and keeps nothing of) can
+/// no longer help forget anything.
+const PASSED_SQL: &str = "DELETE FROM foreshadow.settled_by b USING foreshadow.row_versions v \
+    WHERE v.relid = b.relid AND v.key = b.key AND v.leaves IS NULL AND NOT v.deleted \
+      AND NOT EXISTS (SELECT 1 FROM jsonb_each_text(b.vv::jsonb) e \
+                       WHERE coalesce((v.vv::jsonb ->> e.key)::int8, 0) < e.value::int8)";
+
+/// An intent kept because its table was not global here.
+const KEPT_SQL: &str = "SELECT 1 FROM foreshadow.dead_letters WHERE kind = 'not_global' LIMIT 1";
+
+/// Rows that every other region has said something of.
+const CANDIDATES_SQL: &str =
+    "SELECT b.relid::text, b.key, jsonb_object_agg(b.region, b.vv::jsonb)::text \
+     FROM foreshadow.settled_by b WHERE b.region = ANY ($1::text[]) \
+    GROUP BY b.relid, b.key HAVING count(*) = cardinality($1::text[]) LIMIT $2";
+
+/// The row's version, unless a writer holds it (then: next time).
+const LOCK_SQL: &str = "SELECT v.vv, v.deleted::text, v.leaves FROM foreshadow.row_versions v \
+    WHERE v.relid = $1 AND v.key = $2 FOR UPDATE SKIP LOCKED";
+const FORGET_LEAVES_SQL: &str =
+    "UPDATE foreshadow.row_versions v SET leaves = NULL WHERE v.relid = $1 AND v.key = $2";
+const FORGET_ROW_SQL: &str =
+    "DELETE FROM foreshadow.row_versions v WHERE v.relid = $1 AND v.key = $2";
+const USED_SQL: &str = "DELETE FROM foreshadow.settled_by b WHERE b.relid = $1 AND b.key = $2";
+
+/// What to do with a row every other region has said something of.
+enum Verdict {
+    Wait,
+    /// Forget the leaves (the row and its version stay).
+    Leaves,
+    /// Forget the tombstone.
+    Row,
+    /// Nothing to forget: what the regions said is of no use.
+    Drop,
+}
+
+/// Decides for the row of `t` whose version is `vv` (`deleted`, keeping
+/// `leaves`), given what every other region said of it (`said`).
+fn verdict(
+    strategy: Option<Strategy>,
+    vv: &VersionVector,
+    deleted: bool,
+    leaves: Option<&str>,
+    said: &BTreeMap<String, VersionVector>,
+    peers: &[String],
+) -> Verdict {
+    if !matches!(strategy, Some(Strategy::Merge | Strategy::Vv)) {
+        return Verdict::Drop;
+    }
+    let closed = match leaves {
+        // vv siblings stay until a write that has seen them all.
+        Some(_) if strategy == Some(Strategy::Vv) => return Verdict::Wait,
+        Some(text) => !crate::leaves::open(&crate::leaves::parse(text), vv),
+        None if deleted => true,
+        None => return Verdict::Drop,
+    };
+    match (forgettable(closed, vv, said, peers), deleted) {
+        (false, _) => Verdict::Wait,
+        (true, true) => Verdict::Row,
+        (true, false) => Verdict::Leaves,
+    }
+}
+
+/// Forgets the leaves of closed conflicts of merge tables, and the
+/// tombstones of merge and vv tables, that every other region's heartbeats
+/// allow. Returns how many rows it forgot something of. Nothing while
+/// `foreshadow.regions` is unset or misses a region replicating here, nor
+/// while an intent is kept as a `not_global` dead letter.
+/// Internal: the sidecar calls it (grant_sidecar).
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn collect_settled() -> i64 {
+    let me = crate::gucs::region();
+    let peers: Vec<String> = crate::gucs::regions()
+        .into_iter()
+        .filter(|r| *r != me)
+        .collect();
+    Spi::connect_mut(|client| {
+        if peers.is_empty() || crate::tombstones::unlisted_peer(client, "settled versions") {
+            return 0;
+        }
+        if !run_kept(client, KEPT_SQL, &[], &[]).is_empty() {
+            // retry_dead_letters() may still apply such an intent, as old
+            // as it is: what it could be concurrent with stays.
+            return 0;
+        }
+        run_kept(client, PASSED_SQL, &[], &[]);
+        let candidates = run_kept(
+            client,
+            CANDIDATES_SQL,
+            &[pg_sys::TEXTARRAYOID, pg_sys::INT8OID],
+            &[peers.clone().into(), BATCH.into()],
+        );
+        let mut forgot = 0;
+        for row in candidates {
+            let [Some(relid), Some(key), Some(said)] = &row[..] else {
+                continue;
+            };
+            let relid = pg_sys::Oid::from(relid.parse::<u32>().unwrap_or(0));
+            let Ok(said) = serde_json::from_str::<BTreeMap<String, VersionVector>>(said) else {
+                continue;
+            };
+            let args =
+                || -> [pgrx::datum::DatumWithOid<'_>; 2] { [relid.into(), key.as_str().into()] };
+            let types = [pg_sys::OIDOID, pg_sys::TEXTOID];
+            let Some(v) = run_kept(client, LOCK_SQL, &types, &args()).pop() else {
+                continue;
+            };
+            let (Some(vv), Some(deleted)) = (&v[0], &v[1]) else {
+                continue;
+            };
+            let Ok(vv) = serde_json::from_str::<VersionVector>(vv) else {
+                continue;
+            };
+            let strategy = crate::catalog::table_by_relid(client, relid).and_then(|t| t.strategy);
+            let verdict = verdict(
+                strategy,
+                &vv,
+                deleted == "true",
+                v[2].as_deref(),
+                &said,
+                &peers,
+            );
+            let forget = match verdict {
+                Verdict::Wait => continue,
+                Verdict::Leaves => Some(FORGET_LEAVES_SQL),
+                Verdict::Row => Some(FORGET_ROW_SQL),
+                Verdict::Drop => None,
+            };
+            if let Some(sql) = forget {
+                run_kept(client, sql, &types, &args());
+                forgot += 1;
+            }
+            run_kept(client, USED_SQL, &types, &args());
+        }
+        forgot
+    })
+}
