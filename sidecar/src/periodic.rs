@@ -73,6 +73,9 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) {
     let mut tick: u32 = 0;
     // The tick at which each call is next due.
     let mut due = [0u32; CALLS.len()];
+    // Each call's error while it keeps failing: logged when it starts or
+    // changes, not at every tick.
+    let mut failing: [Option<String>; CALLS.len()] = Default::default();
     while !*shutdown.borrow() {
         if client.is_none() {
             match crate::connect::connect(
@@ -88,7 +91,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) {
                 }
             }
         }
-        for (call, due) in CALLS.iter().zip(&mut due) {
+        for ((call, due), failing) in CALLS.iter().zip(&mut due).zip(&mut failing) {
             let Some(c) = &client else { break };
             if tick < *due {
                 continue;
@@ -96,6 +99,9 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) {
             *due = tick + call.ticks;
             match c.query_one(call.sql, &[]).await {
                 Ok(row) => {
+                    if failing.take().is_some() {
+                        tracing::info!(sql = call.sql, "periodic call works again");
+                    }
                     let n: i64 = row.get(0);
                     if call.batched && n > 0 {
                         *due = tick + 1;
@@ -107,8 +113,18 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %crate::error::Error::from_pg("periodic", e), sql = call.sql, "periodic call failed; retrying");
-                    client = None;
+                    // A lost connection is made again; an error from the
+                    // primary (a missing grant, a lock) is not the
+                    // connection's fault: it is kept.
+                    let closed = c.is_closed();
+                    let error = crate::error::Error::from_pg("periodic", e).to_string();
+                    if failing.as_deref() != Some(error.as_str()) {
+                        tracing::warn!(error = %error, sql = call.sql, "periodic call failed; retrying");
+                        *failing = Some(error);
+                    }
+                    if closed {
+                        client = None;
+                    }
                 }
             }
         }

@@ -147,6 +147,54 @@ async fn a_panicking_peer_task_is_restarted() {
         .is_some_and(foreshadow_lab::proc::alive));
 }
 
+/// A periodic call the primary refuses (here: its grant revoked) is logged
+/// once, not at every try, on a connection kept open, while the other
+/// calls go on; and it is logged again when it works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_periodic_call_is_logged_once_and_the_others_go_on() {
+    let lab = lab("periodic-refused", 2, 20).await;
+    let r = names(&lab);
+    let role = foreshadow_lab::lab::SIDECAR_ROLE;
+    let admin = lab.client(&r[0]).await.unwrap();
+    admin
+        .batch_execute(&format!(
+            "REVOKE EXECUTE ON FUNCTION foreshadow.collect_settled() FROM {role}"
+        ))
+        .await
+        .unwrap();
+    let beat = "SELECT beat_at::text FROM foreshadow.heartbeat";
+    let before = text_in(&lab, &r[0], beat).await.unwrap();
+    // Three or more tries (one every 5 s).
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let log = sidecar_log(&lab, &r[0]);
+    let refused = log
+        .lines()
+        .filter(|l| l.contains("periodic call failed") && l.contains("collect_settled"))
+        .count();
+    assert_eq!(refused, 1, "logged once:\n{log}");
+    assert!(log.contains("permission denied"), "{log}");
+    assert!(
+        !log.contains("periodic calls: cannot reach the primary"),
+        "{log}"
+    );
+    assert_ne!(
+        text_in(&lab, &r[0], beat).await.unwrap(),
+        before,
+        "heartbeats went on"
+    );
+    admin
+        .batch_execute(&format!(
+            "GRANT EXECUTE ON FUNCTION foreshadow.collect_settled() TO {role}"
+        ))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + CONVERGE;
+    while !sidecar_log(&lab, &r[0]).contains("periodic call works again") {
+        assert!(Instant::now() < deadline, "never logged as working again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_slot_stops_the_lane_until_resynchronised() {
     let lab = lab("live-slot", 2, 20).await;
