@@ -234,9 +234,15 @@ fn record(store: &Store, relid: pg_sys::Oid, t: &TableArgs, w: Write) {
     // this one), and the region's entry of the version vector up by one.
     let found = store.find(relid, &key_text);
     let here = found.as_ref().map(|f| &f.version);
-    let mut vv = here.map(|v| v.vv.clone()).unwrap_or_default();
-    vv.bump(&region);
     let hlc = crate::clock::stamp_above(here.map_or(Hlc(0), |v| v.hlc));
+    let strategy = t.strategy.parse().ok();
+    let mut vv = here.map(|v| v.vv.clone()).unwrap_or_default();
+    match strategy {
+        // Their tombstones are forgotten by version (settled.rs): a row
+        // with no version here may have had one.
+        Some(Strategy::Merge | Strategy::Vv) if here.is_none() => vv.bump_fresh(&region, hlc),
+        _ => vv.bump(&region),
+    }
     // R1: the write has seen the row's applied version, not the leaves of
     // a conflict still open on it, which stays open with this write in it.
     let (counters, erases) = if t.counters.is_empty() {
@@ -269,7 +275,6 @@ fn record(store: &Store, relid: pg_sys::Oid, t: &TableArgs, w: Write) {
         counters,
     };
     store.write(found.as_ref(), relid, &key_text, &version);
-    let strategy = t.strategy.parse().ok();
     if op == Op::Delete && crate::tombstones::collectable(strategy, &t.counters) {
         Spi::connect_mut(|c| crate::tombstones::queue(c, relid, &key_text, hlc, &region));
     }

@@ -44,14 +44,16 @@ const PER_HEARTBEAT: i64 = 1_000;
 /// Runs with `search_path` pinned (heartbeat): plain names are pg_catalog's.
 const TAKE_SQL: &str = "WITH taken AS (\
      DELETE FROM foreshadow.settled s \
-      WHERE s.ctid = ANY (ARRAY(SELECT ctid FROM foreshadow.settled LIMIT $1)) \
+      WHERE s.ctid = ANY (ARRAY(SELECT ctid FROM foreshadow.settled LIMIT $1 FOR UPDATE SKIP LOCKED)) \
      RETURNING s.relid, s.key, s.vv) \
    SELECT n.nspname::text, c.relname::text, taken.key, taken.vv \
      FROM taken JOIN pg_class c ON c.oid = taken.relid \
      JOIN pg_namespace n ON n.oid = c.relnamespace";
 
 /// The rows noted since the last heartbeat, removed here: the heartbeat
-/// that carries them commits in the same transaction.
+/// that carries them commits in the same transaction. A note an apply is
+/// writing is left for the next heartbeat, not waited for (an apply can
+/// note many rows, in any order: waiting could deadlock).
 pub fn take(client: &mut SpiClient<'_>) -> Vec<Settled> {
     run_kept(
         client,
@@ -113,10 +115,15 @@ const PASSED_SQL: &str = "DELETE FROM foreshadow.settled_by b USING foreshadow.r
 const KEPT_SQL: &str = "SELECT 1 FROM foreshadow.dead_letters WHERE kind = 'not_global' LIMIT 1";
 
 /// Rows that every other region has said something of.
-const CANDIDATES_SQL: &str =
-    "SELECT b.relid::text, b.key, jsonb_object_agg(b.region, b.vv::jsonb)::text \
-     FROM foreshadow.settled_by b WHERE b.region = ANY ($1::text[]) \
+const CANDIDATES_SQL: &str = "SELECT b.relid::text, b.key FROM foreshadow.settled_by b \
+    WHERE b.region = ANY ($1::text[]) \
     GROUP BY b.relid, b.key HAVING count(*) = cardinality($1::text[]) LIMIT $2";
+
+/// What the regions said of a row, unless an apply is recording more of it
+/// (then: next time). Neither this nor the version's lock waits: an apply
+/// holding one of them may want the other.
+const SAID_SQL: &str = "SELECT b.region, b.vv FROM foreshadow.settled_by b \
+    WHERE b.relid = $1 AND b.key = $2 FOR UPDATE SKIP LOCKED";
 
 /// The row's version, unless a writer holds it (then: next time).
 const LOCK_SQL: &str = "SELECT v.vv, v.deleted::text, v.leaves FROM foreshadow.row_versions v \
@@ -197,16 +204,20 @@ fn collect_settled() -> i64 {
         );
         let mut forgot = 0;
         for row in candidates {
-            let [Some(relid), Some(key), Some(said)] = &row[..] else {
+            let [Some(relid), Some(key)] = &row[..] else {
                 continue;
             };
             let relid = pg_sys::Oid::from(relid.parse::<u32>().unwrap_or(0));
-            let Ok(said) = serde_json::from_str::<BTreeMap<String, VersionVector>>(said) else {
-                continue;
-            };
             let args =
                 || -> [pgrx::datum::DatumWithOid<'_>; 2] { [relid.into(), key.as_str().into()] };
             let types = [pg_sys::OIDOID, pg_sys::TEXTOID];
+            let said: BTreeMap<String, VersionVector> = run_kept(client, SAID_SQL, &types, &args())
+                .into_iter()
+                .filter_map(|r| Some((r[0].clone()?, serde_json::from_str(r[1].as_deref()?).ok()?)))
+                .collect();
+            if !peers.iter().all(|p| said.contains_key(p)) {
+                continue;
+            }
             let Some(v) = run_kept(client, LOCK_SQL, &types, &args()).pop() else {
                 continue;
             };
@@ -232,6 +243,9 @@ fn collect_settled() -> i64 {
                 Verdict::Drop => None,
             };
             if let Some(sql) = forget {
+                if forgot == 0 {
+                    crate::tombstones::keep_clock(client);
+                }
                 run_kept(client, sql, &types, &args());
                 forgot += 1;
             }

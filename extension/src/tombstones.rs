@@ -24,6 +24,14 @@ const SAVE_SQL: &str = "UPDATE foreshadow.heartbeat SET pending_hlc = $1, \
 /// Kept so that the clock never restarts below what this region has
 /// announced or forgotten (clock::restore).
 const KEEP_CLOCK_SQL: &str = "UPDATE foreshadow.heartbeat SET clock = GREATEST(clock, $1)";
+
+/// Keeps the clock's reading: forgetting a version this region's later
+/// writes must stay above (by stamp, or by `bump_fresh`) needs the clock
+/// never to restart below it.
+pub fn keep_clock(client: &mut SpiClient<'_>) {
+    let now = crate::clock::now().0.min(i64::MAX as u64) as i64;
+    run_kept(client, KEEP_CLOCK_SQL, &[pg_sys::INT8OID], &[now.into()]);
+}
 const HEARD_SQL: &str =
     "SELECT region, below::pg_catalog.text, seen::pg_catalog.text FROM foreshadow.stability";
 
@@ -246,8 +254,7 @@ fn collect_tombstones() -> i64 {
         if let Some(oldest) = kept.first().and_then(|r| r[0].as_deref()?.parse().ok()) {
             h.values_mut().for_each(|v| *v = (*v).min(Hlc(oldest)));
         }
-        let now = crate::clock::now().0.min(i64::MAX as u64) as i64;
-        run_kept(client, KEEP_CLOCK_SQL, &[pg_sys::INT8OID], &[now.into()]);
+        keep_clock(client);
         let h: BTreeMap<&String, i64> = h
             .iter()
             .map(|(o, v)| (o, v.0.min(i64::MAX as u64) as i64))

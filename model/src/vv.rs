@@ -1,9 +1,12 @@
-//! Version vectors: region name → number of writes that region made to a row.
+//! Version vectors: region name → a number that grows by one with each write
+//! that region makes to a row (from 1, or from the write's stamp when the row
+//! has no version where it is written: [`VersionVector::bump_fresh`]).
 //!
 //! A `BTreeMap` keeps the entries sorted, so the JSON form (stored beside each
 //! row and carried in intents) is canonical: equal vectors serialise to equal
 //! bytes in every region.
 
+use crate::Hlc;
 use serde::{Deserialize, Serialize};
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
@@ -36,6 +39,19 @@ impl VersionVector {
     /// Records one more write by `region`.
     pub fn bump(&mut self, region: &str) {
         *self.0.entry(region.to_owned()).or_insert(0) += 1;
+    }
+
+    /// Records a write by `region` of a row that has no version where it is
+    /// written (`merge` and `vv` tables): a new row, or one whose tombstone
+    /// was forgotten there (docs/shadow-protocol.md, "Forgetting settled
+    /// versions"). The entry starts at the write's stamp, not at 1: every
+    /// earlier write by `region` of the row took a smaller stamp from the
+    /// same clock, and each raised the entry by one at most as much as its
+    /// stamp rose, so the write is never taken for one that a forgotten
+    /// version (still held by a region that has not forgotten it) has seen.
+    pub fn bump_fresh(&mut self, region: &str, stamp: Hlc) {
+        let e = self.0.entry(region.to_owned()).or_insert(0);
+        *e = (*e + 1).max(stamp.0);
     }
 
     /// Pointwise maximum: the version that has seen both.
@@ -95,6 +111,26 @@ mod tests {
         );
         assert_eq!(a.compare(&vv(&[("a", 1), ("b", 2)])), Causality::Concurrent);
         assert_eq!(vv(&[]).compare(&vv(&[("a", 0)])), Causality::Equal);
+    }
+
+    #[test]
+    fn a_fresh_write_is_not_dominated_by_a_forgotten_version() {
+        // The row's earlier life: written fresh at stamp 100, then twice
+        // more by "a" (stamps above 100), deleted by "b".
+        let mut old = VersionVector::new();
+        old.bump_fresh("a", Hlc(100));
+        old.bump("a");
+        old.bump("a");
+        old.bump("b");
+        // "a" forgot the tombstone, and writes the key again later.
+        let mut again = VersionVector::new();
+        again.bump_fresh("a", Hlc(103));
+        assert_eq!(again.compare(&old), Causality::Concurrent);
+        // Counting from 1 instead, a region that still holds the tombstone
+        // would drop the new write as one it has seen.
+        let mut counted = VersionVector::new();
+        counted.bump("a");
+        assert_eq!(counted.compare(&old), Causality::DominatedBy);
     }
 
     #[test]

@@ -126,3 +126,62 @@ async fn wait_for_resolution(lab: &Lab, regions: &[String], writes: &BTreeMap<i6
         }
     }
 }
+
+/// A key deleted, forgotten in the regions that could, and written again
+/// in one of them, is not lost in a region that still holds the tombstone:
+/// the new write starts the writer's entry of the version vector above
+/// every entry the key had (`VersionVector::bump_fresh`), so it is never
+/// taken for a write the tombstone has already seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_written_again_after_its_tombstone_was_forgotten_is_not_lost() {
+    let (lab, r) = carts_lab("reinsert", &["seed"]).await;
+
+    // Region 2 keeps every tombstone: it holds an intent for a table that
+    // is global in regions 0 and 1 only, which it may still apply late.
+    lab.everywhere("CREATE TABLE only_here (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    for region in &r[..2] {
+        run(&lab, region, "SELECT foreshadow.make_global('only_here')").await;
+    }
+    run(&lab, &r[0], "INSERT INTO only_here VALUES (1)").await;
+    common::wait_for(
+        &lab,
+        &r[2],
+        "SELECT count(*)::text FROM foreshadow.dead_letters WHERE kind = 'not_global'",
+        Some("1"),
+        CONVERGE,
+    )
+    .await
+    .unwrap();
+
+    // Cart 1 is deleted; regions 0 and 1 forget its tombstone, region 2
+    // keeps it.
+    run(&lab, &r[0], "DELETE FROM carts WHERE id = 1").await;
+    let version = "SELECT coalesce(string_agg(deleted::text, ','), 'none') \
+        FROM foreshadow.row_versions WHERE relid = 'carts'::regclass AND key::jsonb ->> 'id' = '1'";
+    for region in &r[..2] {
+        common::wait_for(&lab, region, version, Some("none"), CONVERGE)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        common::text_in(&lab, &r[2], version)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("true"),
+        "{}: the tombstone is kept while a not_global dead letter is",
+        r[2]
+    );
+
+    // Written again in region 0: every region holds it.
+    run(&lab, &r[0], "INSERT INTO carts VALUES (1, '{again}')").await;
+    lab.wait_identical(&["public.carts"], CONVERGE)
+        .await
+        .unwrap();
+    assert_eq!(
+        carts(&lab, &r[2]).await.get(&1),
+        Some(&vec!["again".to_string()])
+    );
+}

@@ -533,8 +533,14 @@ impl ShadowModel {
         } else {
             row.applied
         };
+        let hlc = Hlc::tick(s.regions[region].hlc, NOW_MS);
         let mut vv = self.join(s, seen);
-        vv.bump(name);
+        match self.setup.strategy {
+            // As capture does: a row with no version here starts its
+            // writer's entry at the stamp.
+            Strategy::Merge | Strategy::Vv if seen == 0 => vv.bump_fresh(name, hlc),
+            _ => vv.bump(name),
+        }
         let (image, mut counter) = match &row.value {
             Value::Row(Some(items)) if self.setup.strategy == Strategy::Merge => {
                 (items.clone(), Contributions::default())
@@ -560,7 +566,7 @@ impl ShadowModel {
                 .count() as u8
                 + 1,
             key: key as u8,
-            hlc: Hlc::tick(s.regions[region].hlc, NOW_MS),
+            hlc,
             vv,
             row: row_image,
             counter,
