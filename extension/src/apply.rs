@@ -529,7 +529,11 @@ fn apply_transaction(
         let alone = lock_timeout_ms > 0;
         run_kept(
             client,
-            if alone { GROUP_ALONE_SQL } else { BESIDE_GROUPS_SQL },
+            if alone {
+                GROUP_ALONE_SQL
+            } else {
+                BESIDE_GROUPS_SQL
+            },
             &[],
             &[],
         );
