@@ -123,12 +123,15 @@ CREATE TABLE foreshadow.settled (
 -- the row is at least `vv`, and every write it makes of the row after is
 -- above it. collect_settled() forgets a row's leaves or tombstone once
 -- every other region has said so of a version at least as high, and
--- then what they said.
+-- then what they said. What was said of a row that has no version here
+-- (its tombstone already forgotten, or its writes still on the way from a
+-- third region) goes after an hour unused (collect_settled).
 CREATE TABLE foreshadow.settled_by (
     relid  oid NOT NULL,
     key    text COLLATE "C" NOT NULL,
     region text NOT NULL,
     vv     text NOT NULL,
+    heard_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (relid, key, region)
 );
 

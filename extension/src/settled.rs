@@ -74,7 +74,7 @@ pub fn take(client: &mut SpiClient<'_>) -> Vec<Settled> {
 }
 
 const HEAR_SQL: &str = "INSERT INTO foreshadow.settled_by AS b (relid, key, region, vv) \
-   VALUES ($1, $2, $3, $4) ON CONFLICT (relid, key, region) DO UPDATE SET vv = EXCLUDED.vv";
+   VALUES ($1, $2, $3, $4) ON CONFLICT (relid, key, region) DO UPDATE SET vv = EXCLUDED.vv, heard_at = now()";
 
 /// Records what a peer's heartbeat says has settled there (rows of tables
 /// not global here are nothing to this region).
@@ -110,6 +110,17 @@ const PASSED_SQL: &str = "DELETE FROM foreshadow.settled_by b USING foreshadow.r
     WHERE v.relid = b.relid AND v.key = b.key AND v.leaves IS NULL AND NOT v.deleted \
       AND NOT EXISTS (SELECT 1 FROM jsonb_each_text(b.vv::jsonb) e \
                        WHERE coalesce((v.vv::jsonb ->> e.key)::int8, 0) < e.value::int8)";
+
+/// Runs with `search_path` pinned (collect_settled). What a region said of
+/// a row with no version here, an hour ago or more: the row's tombstone was
+/// already forgotten here (a note said again), or the writes that make the
+/// row here are still on the way from a third region — which an hour has
+/// long delivered, unless a lane is stopped. Dropping it only means that
+/// row, if it comes, is not forgotten on that word; kept, it would never
+/// go.
+const UNUSED_SQL: &str = "DELETE FROM foreshadow.settled_by b \
+    WHERE b.heard_at < now() - interval '1 hour' AND NOT EXISTS \
+      (SELECT 1 FROM foreshadow.row_versions v WHERE v.relid = b.relid AND v.key = b.key)";
 
 /// An intent kept because its table was not global here.
 const KEPT_SQL: &str = "SELECT 1 FROM foreshadow.dead_letters WHERE kind = 'not_global' LIMIT 1";
@@ -196,6 +207,7 @@ fn collect_settled() -> i64 {
             return 0;
         }
         run_kept(client, PASSED_SQL, &[], &[]);
+        run_kept(client, UNUSED_SQL, &[], &[]);
         let candidates = run_kept(
             client,
             CANDIDATES_SQL,

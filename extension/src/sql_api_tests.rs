@@ -837,6 +837,19 @@ mod tests {
         Spi::run("DELETE FROM foreshadow.dead_letters").unwrap();
         assert_eq!((collect(), versions()), (1, 0));
         assert_eq!(count("SELECT count(*) FROM foreshadow.settled_by"), 0);
+        // What was said of a key with no version here goes after an hour.
+        Spi::run(
+            "INSERT INTO foreshadow.settled_by (relid, key, region, vv, heard_at) VALUES \
+             ('public.s'::regclass, '{\"id\":\"9\"}', 'peer', '{}', now() - interval '61 minutes'), \
+             ('public.s'::regclass, '{\"id\":\"8\"}', 'peer', '{}', now() - interval '59 minutes')",
+        )
+        .unwrap();
+        assert_eq!(collect(), 0);
+        assert_eq!(
+            Spi::get_one::<String>("SELECT string_agg(key, ',') FROM foreshadow.settled_by"),
+            Ok(Some(r#"{"id":"8"}"#.into()))
+        );
+        Spi::run("DELETE FROM foreshadow.settled_by").unwrap();
         // A heartbeat that is sent takes the note with it (one with nothing
         // below it yet is not sent, and keeps it).
         assert_eq!(count("SELECT foreshadow.heartbeat()"), 0);
