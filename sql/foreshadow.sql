@@ -373,7 +373,9 @@ SELECT t.relid::regclass AS table_name, t.strategy, t.shadows, t.shadow_epoch,
        count(v.leaves) AS rows_with_leaves,
        coalesce(sum(jsonb_array_length(v.leaves::jsonb)), 0) AS leaves,
        count(*) FILTER (WHERE v.deleted) AS tombstones,
-       coalesce(sum(pg_column_size(v.*)), 0) AS metadata_bytes
+       coalesce(sum(pg_column_size(v.*)), 0) AS metadata_bytes,
+       (SELECT count(*) FROM foreshadow.settled s WHERE s.relid = t.relid) AS settled_to_send,
+       (SELECT count(*) FROM foreshadow.settled_by b WHERE b.relid = t.relid) AS settled_heard
   FROM foreshadow.tables t
   LEFT JOIN foreshadow.row_versions v ON v.relid = t.relid
  WHERE t.strategy IN ('merge', 'vv')

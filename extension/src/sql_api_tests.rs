@@ -823,6 +823,13 @@ mod tests {
         assert_eq!((collect(), versions()), (0, 1), "the peer said nothing");
         said(&inserted);
         assert_eq!(
+            Spi::get_two::<i64, i64>(
+                "SELECT settled_to_send, settled_heard FROM foreshadow.shadow_status"
+            ),
+            Ok((Some(1), Some(1))),
+            "the note waits for a heartbeat; what the peer said, for a use"
+        );
+        assert_eq!(
             (collect(), versions()),
             (0, 1),
             "the peer is at the insert, not the delete"
