@@ -49,15 +49,20 @@ const COUNT_SQL: &str = "INSERT INTO foreshadow.peer_stats AS s \
        changed_rows = s.changed_rows + EXCLUDED.changed_rows, conflicts = s.conflicts + EXCLUDED.conflicts, \
        last_applied_at = EXCLUDED.last_applied_at, last_error = NULL, last_error_at = NULL";
 const LOCK_TIMEOUT_SQL: &str = "SELECT pg_catalog.set_config('lock_timeout', $1, true)";
-/// A group of peer transactions (catching up) runs alone among applies:
-/// beside another peer's group or single transactions touching the same hot
-/// rows, each would hold some of them while waiting for the others' (until
-/// the group's lock timeout rolls back up to `GROUP_INTENTS` applied
-/// intents and its lane falls back to one peer transaction at a time). So
-/// a group takes a transaction-level advisory lock on the key ('FSHD', 1)
-/// exclusively, and every other apply shares it; local writers do not take
-/// it (a group still gives way to them by its lock timeout).
+/// A group of peer transactions (catching up) runs alone among the applies
+/// of peers' streams: beside another peer's group or single transactions
+/// touching the same hot rows, each would hold some of them while waiting
+/// for the others' (until the group's lock timeout rolls back up to
+/// `GROUP_INTENTS` applied intents and its lane falls back to one peer
+/// transaction at a time). So a group takes a transaction-level advisory
+/// lock on the key ('FSHD', 1) exclusively, and every other apply of a
+/// stream shares it; local writers do not take it (a group still gives way
+/// to them by its lock timeout). A group waits for it at most
+/// `GROUP_WAIT`: an apply stuck behind a local writer holds it shared, and
+/// the group then goes one transaction at a time instead of queueing every
+/// other lane behind it.
 const GROUP_ALONE_SQL: &str = "SELECT pg_catalog.pg_advisory_xact_lock(1179863108, 1)";
+const GROUP_WAIT: &str = "2s";
 const BESIDE_GROUPS_SQL: &str = "SELECT pg_catalog.pg_advisory_xact_lock_shared(1179863108, 1)";
 
 /// What applying one intent did.
@@ -525,8 +530,15 @@ fn apply_transaction(
         if session_progress() != lsn(prev_lsn) {
             return -1;
         }
-        // Before the lock timeout: a group ahead is bounded by its own.
         let alone = lock_timeout_ms > 0;
+        if alone {
+            run_kept(
+                client,
+                LOCK_TIMEOUT_SQL,
+                &[pg_sys::TEXTOID],
+                &[GROUP_WAIT.into()],
+            );
+        }
         run_kept(
             client,
             if alone {

@@ -82,6 +82,11 @@ impl Store {
         Some(Found { slot, version })
     }
 
+    /// Deletes the locked version `found`: a tombstone forgotten here.
+    pub fn forget(&self, found: Found) {
+        self.heap.delete(found.slot);
+    }
+
     /// Stores `v` as the version of row `key` of `relid`: over `found` (the
     /// locked version), or as its first version.
     pub fn write(&self, found: Option<&Found>, relid: pg_sys::Oid, key: &str, v: &Version) {

@@ -14,9 +14,10 @@
 //! or a tombstone, once every other region has said so of a version at
 //! least as high (`collect_settled`, the model's `stability::forgettable`).
 
+use crate::row_versions::{Found, Store};
 use crate::spi::run_kept;
 use foreshadow_model::stability::{forgettable, Settled};
-use foreshadow_model::{Strategy, VersionVector};
+use foreshadow_model::{Causality, Strategy, VersionVector};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use std::collections::BTreeMap;
@@ -99,6 +100,64 @@ pub fn hear(client: &mut SpiClient<'_>, origin: &str, settled: &[Settled]) {
     }
 }
 
+/// What `origin` said of its row of `key` (`settled_by`), if anything.
+const SAID_BY_SQL: &str = "SELECT b.vv FROM foreshadow.settled_by b \
+    WHERE b.relid = $1 AND b.key = $2 AND b.region = $3";
+
+/// A write or resolution of `origin` (version `vv`) arriving at a row
+/// whose tombstone is held here (`cur`): if `origin` had said its row was
+/// at the tombstone's version or past it, and `vv` has not seen the
+/// tombstone, `origin` has forgotten it since — a region's row only grows
+/// otherwise, and what it writes after saying so is above what it said —
+/// which it does only once every region has said it is past it, so no
+/// write concurrent with it is still to come. The tombstone is forgotten
+/// here too, first (returns None): the arriving version is then the row's
+/// first, as it is in `origin`, instead of concurrent with a tombstone only
+/// this region still holds (a conflict, and siblings or leaves that no
+/// other region has).
+pub fn forgotten_by(
+    client: &mut SpiClient<'_>,
+    store: &Store,
+    relid: pg_sys::Oid,
+    key: &str,
+    origin: &str,
+    vv: &VersionVector,
+    cur: Option<Found>,
+) -> Option<Found> {
+    let Some(h) = cur.as_ref().map(|f| &f.version) else {
+        return cur;
+    };
+    let closed = h
+        .leaves
+        .as_deref()
+        .is_none_or(|l| !crate::leaves::open(&crate::leaves::parse(l), &h.vv));
+    let at_or_past =
+        |v: &VersionVector| matches!(v.compare(&h.vv), Causality::Dominates | Causality::Equal);
+    if !h.deleted || !closed || at_or_past(vv) {
+        return cur;
+    }
+    let types = [pg_sys::OIDOID, pg_sys::TEXTOID, pg_sys::TEXTOID];
+    let said = run_kept(
+        client,
+        SAID_BY_SQL,
+        &types,
+        &[relid.into(), key.into(), origin.into()],
+    )
+    .pop()
+    .and_then(|r| serde_json::from_str::<VersionVector>(r[0].as_deref()?).ok());
+    if !said.as_ref().is_some_and(at_or_past) {
+        return cur;
+    }
+    store.forget(cur?);
+    run_kept(
+        client,
+        USED_SQL,
+        &[pg_sys::OIDOID, pg_sys::TEXTOID],
+        &[relid.into(), key.into()],
+    );
+    None
+}
+
 /// At most this many rows per call, so that one call does not hold the
 /// sidecar's connection (and its fallbacks).
 const BATCH: i64 = 10_000;
@@ -106,10 +165,13 @@ const BATCH: i64 = 10_000;
 /// Runs with `search_path` pinned (collect_settled). What a region said of
 /// a row its version here has already passed (and keeps nothing of) can
 /// no longer help forget anything.
-const PASSED_SQL: &str = "DELETE FROM foreshadow.settled_by b USING foreshadow.row_versions v \
-    WHERE v.relid = b.relid AND v.key = b.key AND v.leaves IS NULL AND NOT v.deleted \
-      AND NOT EXISTS (SELECT 1 FROM jsonb_each_text(b.vv::jsonb) e \
-                       WHERE coalesce((v.vv::jsonb ->> e.key)::int8, 0) < e.value::int8)";
+const PASSED_SQL: &str = "DELETE FROM foreshadow.settled_by WHERE ctid = ANY (ARRAY(\
+    SELECT b.ctid FROM foreshadow.settled_by b JOIN foreshadow.row_versions v \
+        ON v.relid = b.relid AND v.key = b.key \
+     WHERE v.leaves IS NULL AND NOT v.deleted \
+       AND NOT EXISTS (SELECT 1 FROM jsonb_each_text(b.vv::jsonb) e \
+                        WHERE coalesce((v.vv::jsonb ->> e.key)::int8, 0) < e.value::int8) \
+       FOR UPDATE OF b SKIP LOCKED))";
 
 /// Runs with `search_path` pinned (collect_settled). What a region said of
 /// a row with no version here, an hour ago or more: the row's tombstone was
@@ -118,9 +180,11 @@ const PASSED_SQL: &str = "DELETE FROM foreshadow.settled_by b USING foreshadow.r
 /// long delivered, unless a lane is stopped. Dropping it only means that
 /// row, if it comes, is not forgotten on that word; kept, it would never
 /// go.
-const UNUSED_SQL: &str = "DELETE FROM foreshadow.settled_by b \
-    WHERE b.heard_at < now() - interval '1 hour' AND NOT EXISTS \
-      (SELECT 1 FROM foreshadow.row_versions v WHERE v.relid = b.relid AND v.key = b.key)";
+const UNUSED_SQL: &str = "DELETE FROM foreshadow.settled_by WHERE ctid = ANY (ARRAY(\
+    SELECT b.ctid FROM foreshadow.settled_by b \
+     WHERE b.heard_at < now() - interval '1 hour' AND NOT EXISTS \
+       (SELECT 1 FROM foreshadow.row_versions v WHERE v.relid = b.relid AND v.key = b.key) \
+       FOR UPDATE SKIP LOCKED))";
 
 /// An intent kept because its table was not global here.
 const KEPT_SQL: &str = "SELECT 1 FROM foreshadow.dead_letters WHERE kind = 'not_global' LIMIT 1";

@@ -194,6 +194,16 @@ fn conflict_of<'a>(
 /// Applies a peer's write, or a resolution a peer published, to a row of
 /// a merge table. Records its conflicts itself.
 pub fn apply(client: &mut SpiClient<'_>, x: Target<'_>, cur: Option<Found>) -> Outcome {
+    // A resolution's version is the join of its leaves (intent.rs).
+    let cur = crate::settled::forgotten_by(
+        client,
+        x.store,
+        x.t.relid,
+        x.key_text,
+        &x.i.origin,
+        &x.i.vv,
+        cur,
+    );
     let at = At {
         t: x.t,
         heap: x.heap,

@@ -29,7 +29,8 @@ const KEEP_CLOCK_SQL: &str = "UPDATE foreshadow.heartbeat SET clock = GREATEST(c
 /// writes must stay above (by stamp, or by `bump_fresh`) needs the clock
 /// never to restart below it.
 pub fn keep_clock(client: &mut SpiClient<'_>) {
-    let now = crate::clock::now().0.min(i64::MAX as u64) as i64;
+    // A stamp, not a reading: a stamp restores the clock after a restart.
+    let now = crate::clock::stamp_above(Hlc::ZERO).0.min(i64::MAX as u64) as i64;
     run_kept(client, KEEP_CLOCK_SQL, &[pg_sys::INT8OID], &[now.into()]);
 }
 const HEARD_SQL: &str =

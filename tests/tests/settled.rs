@@ -131,7 +131,8 @@ async fn wait_for_resolution(lab: &Lab, regions: &[String], writes: &BTreeMap<i6
 /// in one of them, is not lost in a region that still holds the tombstone:
 /// the new write starts the writer's entry of the version vector above
 /// every entry the key had (`VersionVector::bump_fresh`), so it is never
-/// taken for a write the tombstone has already seen.
+/// taken for a write the tombstone has already seen; and the region that
+/// holds the tombstone forgets it on hearing the write, as the writer did.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_written_again_after_its_tombstone_was_forgotten_is_not_lost() {
     let (lab, r) = carts_lab("reinsert", &["seed"]).await;
@@ -155,9 +156,9 @@ async fn a_key_written_again_after_its_tombstone_was_forgotten_is_not_lost() {
     .await
     .unwrap();
 
-    // Cart 1 is deleted; regions 0 and 1 forget its tombstone, region 2
-    // keeps it.
-    run(&lab, &r[0], "DELETE FROM carts WHERE id = 1").await;
+    // Cart 1 (inserted in region 0) is deleted in region 1; regions 0 and
+    // 1 forget its tombstone, region 2 keeps it.
+    run(&lab, &r[1], "DELETE FROM carts WHERE id = 1").await;
     let version = "SELECT coalesce(string_agg(deleted::text, ','), 'none') \
         FROM foreshadow.row_versions WHERE relid = 'carts'::regclass AND key::jsonb ->> 'id' = '1'";
     for region in &r[..2] {
@@ -183,5 +184,27 @@ async fn a_key_written_again_after_its_tombstone_was_forgotten_is_not_lost() {
     assert_eq!(
         carts(&lab, &r[2]).await.get(&1),
         Some(&vec!["again".to_string()])
+    );
+    // Region 2 forgot the tombstone on hearing the write (region 0 had said
+    // it was past it, and wrote without it): no conflict between them, and
+    // the same version as everywhere, not one joined with the tombstone.
+    let vv = "SELECT vv || coalesce(leaves, '') FROM foreshadow.row_versions \
+        WHERE relid = 'carts'::regclass AND key::jsonb ->> 'id' = '1'";
+    let want = common::text_in(&lab, &r[0], vv).await.unwrap();
+    for region in &r[1..] {
+        common::wait_for(&lab, region, vv, want.as_deref(), CONVERGE)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        scalar_i64(
+            &lab,
+            &r[2],
+            "SELECT count(*) FROM foreshadow.conflicts WHERE key ->> 'id' = '1'"
+        )
+        .await,
+        0,
+        "{}: a write after the tombstone was forgotten is no conflict",
+        r[2]
     );
 }
