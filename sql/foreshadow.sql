@@ -123,7 +123,7 @@ CREATE TABLE foreshadow.settled (
 -- the row is at least `vv`, and every write it makes of the row after has
 -- seen it (is above it, or, once that region has forgotten the row's
 -- tombstone, is the row's first version again: settled::forgotten_by then
--- forgets the tombstone here too). collect_settled() forgets a row's leaves or tombstone once
+-- forgets the tombstone here too, if collect_settled() would). collect_settled() forgets a row's leaves or tombstone once
 -- every other region has said so of a version at least as high, and
 -- then what they said. What was said of a row that has no version here
 -- (its tombstone already forgotten, or its writes still on the way from a

@@ -100,61 +100,62 @@ pub fn hear(client: &mut SpiClient<'_>, origin: &str, settled: &[Settled]) {
     }
 }
 
-/// What `origin` said of its row of `key` (`settled_by`), if anything.
-const SAID_BY_SQL: &str = "SELECT b.vv FROM foreshadow.settled_by b \
-    WHERE b.relid = $1 AND b.key = $2 AND b.region = $3";
+/// What every region said of row `key` (`settled_by`), read without
+/// locking (an apply must not wait on `collect_settled`).
+const SAID_ALL_SQL: &str = "SELECT b.region, b.vv FROM foreshadow.settled_by b \
+    WHERE b.relid = $1 AND b.key = $2";
 
-/// A write or resolution of `origin` (version `vv`) arriving at a row
-/// whose tombstone is held here (`cur`): if `origin` had said its row was
-/// at the tombstone's version or past it, and `vv` has not seen the
-/// tombstone, `origin` has forgotten it since — a region's row only grows
-/// otherwise, and what it writes after saying so is above what it said —
-/// which it does only once every region has said it is past it, so no
-/// write concurrent with it is still to come. The tombstone is forgotten
-/// here too, first (returns None): the arriving version is then the row's
-/// first, as it is in `origin`, instead of concurrent with a tombstone only
-/// this region still holds (a conflict, and siblings or leaves that no
-/// other region has).
+/// A write or resolution (version `vv`) arriving at a row of `t` whose
+/// tombstone is held here (`cur`) and concurrent with it: the writer
+/// wrote the key again after forgetting the tombstone (`bump_fresh` keeps
+/// such a write from looking older). If this region may forget the
+/// tombstone as well — exactly what `collect_settled` would decide at its
+/// next call: every other region has said it is past it, no `not_global`
+/// dead letter could still be applied late, no region replicating here is
+/// missing from `foreshadow.regions` — it is forgotten now, first (returns
+/// None), and the write applies as the row's first version, as where it
+/// was made, instead of as a conflict with a tombstone only this region
+/// still holds (leaves, or a deleted sibling, no other region has). Not
+/// while replaying dead letters. What the regions said of the row goes
+/// with it, as after `collect_settled`.
 pub fn forgotten_by(
     client: &mut SpiClient<'_>,
     store: &Store,
-    relid: pg_sys::Oid,
+    t: &crate::catalog::Table,
     key: &str,
-    origin: &str,
     vv: &VersionVector,
     cur: Option<Found>,
 ) -> Option<Found> {
     let Some(h) = cur.as_ref().map(|f| &f.version) else {
         return cur;
     };
-    let closed = h
-        .leaves
-        .as_deref()
-        .is_none_or(|l| !crate::leaves::open(&crate::leaves::parse(l), &h.vv));
-    let at_or_past =
-        |v: &VersionVector| matches!(v.compare(&h.vv), Causality::Dominates | Causality::Equal);
-    if !h.deleted || !closed || at_or_past(vv) {
+    if !h.deleted || vv.compare(&h.vv) != Causality::Concurrent || crate::dead_letters::replaying()
+    {
         return cur;
     }
-    let types = [pg_sys::OIDOID, pg_sys::TEXTOID, pg_sys::TEXTOID];
-    let said = run_kept(
-        client,
-        SAID_BY_SQL,
-        &types,
-        &[relid.into(), key.into(), origin.into()],
-    )
-    .pop()
-    .and_then(|r| serde_json::from_str::<VersionVector>(r[0].as_deref()?).ok());
-    if !said.as_ref().is_some_and(at_or_past) {
+    let me = crate::gucs::region();
+    let peers: Vec<String> = crate::gucs::regions()
+        .into_iter()
+        .filter(|r| *r != me)
+        .collect();
+    if peers.is_empty()
+        || !run_kept(client, KEPT_SQL, &[], &[]).is_empty()
+        || crate::tombstones::unlisted_peer(client, "settled versions")
+    {
+        return cur;
+    }
+    let args = || -> [pgrx::datum::DatumWithOid<'_>; 2] { [t.relid.into(), key.into()] };
+    let types = [pg_sys::OIDOID, pg_sys::TEXTOID];
+    let said: BTreeMap<String, VersionVector> = run_kept(client, SAID_ALL_SQL, &types, &args())
+        .into_iter()
+        .filter_map(|r| Some((r[0].clone()?, serde_json::from_str(r[1].as_deref()?).ok()?)))
+        .collect();
+    let verdict = verdict(t.strategy, &h.vv, true, h.leaves.as_deref(), &said, &peers);
+    if !matches!(verdict, Verdict::Row) {
         return cur;
     }
     store.forget(cur?);
-    run_kept(
-        client,
-        USED_SQL,
-        &[pg_sys::OIDOID, pg_sys::TEXTOID],
-        &[relid.into(), key.into()],
-    );
+    run_kept(client, USED_SQL, &types, &args());
     None
 }
 

@@ -195,15 +195,7 @@ fn conflict_of<'a>(
 /// a merge table. Records its conflicts itself.
 pub fn apply(client: &mut SpiClient<'_>, x: Target<'_>, cur: Option<Found>) -> Outcome {
     // A resolution's version is the join of its leaves (intent.rs).
-    let cur = crate::settled::forgotten_by(
-        client,
-        x.store,
-        x.t.relid,
-        x.key_text,
-        &x.i.origin,
-        &x.i.vv,
-        cur,
-    );
+    let cur = crate::settled::forgotten_by(client, x.store, x.t, x.key_text, &x.i.vv, cur);
     let at = At {
         t: x.t,
         heap: x.heap,
