@@ -106,7 +106,9 @@ async fn a_peer_busy_decoding_a_large_transaction_is_not_a_dead_link() {
     c.batch_execute("CREATE TABLE big (id bigint, v int)")
         .await
         .unwrap();
-    c.batch_execute("INSERT INTO big SELECT g, 0 FROM generate_series(1, 3000000) g")
+    // Big enough that decoding it keeps the walsender silent well past the
+    // timeout (plus the 1 s status period) on a fast machine too.
+    c.batch_execute("INSERT INTO big SELECT g, 0 FROM generate_series(1, 8000000) g")
         .await
         .unwrap();
     let started = Instant::now();
