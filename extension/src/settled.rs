@@ -133,30 +133,58 @@ pub fn forgotten_by(
     {
         return cur;
     }
-    let me = crate::gucs::region();
-    let peers: Vec<String> = crate::gucs::regions()
-        .into_iter()
-        .filter(|r| *r != me)
-        .collect();
-    if peers.is_empty()
-        || !run_kept(client, KEPT_SQL, &[], &[]).is_empty()
-        || crate::tombstones::unlisted_peer(client, "settled versions")
-    {
+    let Some(peers) = may_forget(client) else {
         return cur;
-    }
-    let args = || -> [pgrx::datum::DatumWithOid<'_>; 2] { [t.relid.into(), key.into()] };
-    let types = [pg_sys::OIDOID, pg_sys::TEXTOID];
-    let said: BTreeMap<String, VersionVector> = run_kept(client, SAID_ALL_SQL, &types, &args())
-        .into_iter()
-        .filter_map(|r| Some((r[0].clone()?, serde_json::from_str(r[1].as_deref()?).ok()?)))
-        .collect();
+    };
+    let said = said(client, SAID_ALL_SQL, t.relid, key);
     let verdict = verdict(t.strategy, &h.vv, true, h.leaves.as_deref(), &said, &peers);
     if !matches!(verdict, Verdict::Row) {
         return cur;
     }
     store.forget(cur?);
-    run_kept(client, USED_SQL, &types, &args());
+    run_kept(
+        client,
+        USED_SQL,
+        &[pg_sys::OIDOID, pg_sys::TEXTOID],
+        &[t.relid.into(), key.into()],
+    );
     None
+}
+
+/// The other regions, if this region may forget anything now: they are
+/// known (`foreshadow.regions`), every region replicating here is among
+/// them, and no intent is kept as a `not_global` dead letter
+/// (`retry_dead_letters()` may still apply such an intent, as old as it
+/// is: what it could be concurrent with stays).
+fn may_forget(client: &mut SpiClient<'_>) -> Option<Vec<String>> {
+    let me = crate::gucs::region();
+    let peers: Vec<String> = crate::gucs::regions()
+        .into_iter()
+        .filter(|r| *r != me)
+        .collect();
+    let may = !peers.is_empty()
+        && !crate::tombstones::unlisted_peer(client, "settled versions")
+        && run_kept(client, KEPT_SQL, &[], &[]).is_empty();
+    may.then_some(peers)
+}
+
+/// What the regions said of row `key` of `relid`, by region (`sql`: one of
+/// the reads of `settled_by` by relid and key).
+fn said(
+    client: &mut SpiClient<'_>,
+    sql: &str,
+    relid: pg_sys::Oid,
+    key: &str,
+) -> BTreeMap<String, VersionVector> {
+    run_kept(
+        client,
+        sql,
+        &[pg_sys::OIDOID, pg_sys::TEXTOID],
+        &[relid.into(), key.into()],
+    )
+    .into_iter()
+    .filter_map(|r| Some((r[0].clone()?, serde_json::from_str(r[1].as_deref()?).ok()?)))
+    .collect()
 }
 
 /// At most this many rows per call, so that one call does not hold the
@@ -257,20 +285,10 @@ fn verdict(
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn collect_settled() -> i64 {
-    let me = crate::gucs::region();
-    let peers: Vec<String> = crate::gucs::regions()
-        .into_iter()
-        .filter(|r| *r != me)
-        .collect();
     Spi::connect_mut(|client| {
-        if peers.is_empty() || crate::tombstones::unlisted_peer(client, "settled versions") {
+        let Some(peers) = may_forget(client) else {
             return 0;
-        }
-        if !run_kept(client, KEPT_SQL, &[], &[]).is_empty() {
-            // retry_dead_letters() may still apply such an intent, as old
-            // as it is: what it could be concurrent with stays.
-            return 0;
-        }
+        };
         run_kept(client, PASSED_SQL, &[], &[]);
         run_kept(client, UNUSED_SQL, &[], &[]);
         let candidates = run_kept(
@@ -288,10 +306,7 @@ fn collect_settled() -> i64 {
             let args =
                 || -> [pgrx::datum::DatumWithOid<'_>; 2] { [relid.into(), key.as_str().into()] };
             let types = [pg_sys::OIDOID, pg_sys::TEXTOID];
-            let said: BTreeMap<String, VersionVector> = run_kept(client, SAID_SQL, &types, &args())
-                .into_iter()
-                .filter_map(|r| Some((r[0].clone()?, serde_json::from_str(r[1].as_deref()?).ok()?)))
-                .collect();
+            let said = said(client, SAID_SQL, relid, key);
             if !peers.iter().all(|p| said.contains_key(p)) {
                 continue;
             }
