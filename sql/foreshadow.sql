@@ -183,13 +183,21 @@ CREATE TABLE foreshadow.dead_letters (
 -- The conflict history: every conflict this region resolved (Rust,
 -- conflicts.rs), kept for foreshadow.conflict_retention. The view
 -- foreshadow.conflicts is how to read it.
+-- The kinds and resolvers are domains rather than CHECK constraints on the
+-- table: a table's CHECK constraints are read back from the catalog's text
+-- by every statement that writes it, a domain's once per session, and a
+-- contended table has a conflict for every other intent applied.
+CREATE DOMAIN foreshadow.conflict_kind AS text
+    CHECK (VALUE IN ('insert_exists', 'update_origin_differs', 'update_missing',
+                     'update_deleted', 'delete_origin_differs', 'delete_missing'));
+CREATE DOMAIN foreshadow.conflict_resolver AS text
+    CHECK (VALUE IN ('shadow', 'fallback', 'local'));
 CREATE TABLE foreshadow.conflict_log (
     id            bigserial PRIMARY KEY,
     detected_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
     relid         oid NOT NULL,
     key           text NOT NULL,
-    kind          text NOT NULL CHECK (kind IN ('insert_exists', 'update_origin_differs', 'update_missing',
-                                                'update_deleted', 'delete_origin_differs', 'delete_missing')),
+    kind          foreshadow.conflict_kind NOT NULL,
     strategy      text NOT NULL,
     -- This region's version of the row (NULL: it had none).
     local_origin  text,
@@ -204,7 +212,7 @@ CREATE TABLE foreshadow.conflict_log (
     -- if this region hosts it, else adopted from its pre-stage), 'fallback'
     -- (here, after foreshadow.shadow_deadline without the owner's); NULL
     -- while it waits for the owner (an open conflict, with resolved_at).
-    resolved_by   text CHECK (resolved_by IN ('shadow', 'fallback', 'local')),
+    resolved_by   foreshadow.conflict_resolver,
     outcome       text,
     -- Strategy merge: how many times the merge function ran for it here.
     merge_calls   integer NOT NULL DEFAULT 0,

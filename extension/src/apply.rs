@@ -36,18 +36,11 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use serde_json::value::RawValue;
+use serde_json::{Map, Value};
 use std::rc::Rc;
 
 const REJECT_SQL: &str = "INSERT INTO foreshadow.dead_letters (origin, kind, reason, intent) \
      VALUES ($1, $2, $3, $4)";
-/// Counts a peer's applied intents in `peer_stats`, in the applying
-/// transaction (so the figures are exact across crashes), and clears the
-/// lane's error: it applies again.
-const COUNT_SQL: &str = "INSERT INTO foreshadow.peer_stats AS s \
-     (origin, intents, changed_rows, conflicts, last_applied_at) VALUES ($1, $2, $3, $4, pg_catalog.now()) \
-     ON CONFLICT (origin) DO UPDATE SET intents = s.intents + EXCLUDED.intents, \
-       changed_rows = s.changed_rows + EXCLUDED.changed_rows, conflicts = s.conflicts + EXCLUDED.conflicts, \
-       last_applied_at = EXCLUDED.last_applied_at, last_error = NULL, last_error_at = NULL";
 const LOCK_TIMEOUT_SQL: &str = "SELECT pg_catalog.set_config('lock_timeout', $1, true)";
 /// A group of peer transactions (catching up) runs alone among the applies
 /// of peers' streams: beside another peer's group or single transactions
@@ -61,9 +54,8 @@ const LOCK_TIMEOUT_SQL: &str = "SELECT pg_catalog.set_config('lock_timeout', $1,
 /// `GROUP_WAIT`: an apply stuck behind a local writer holds it shared, and
 /// the group then goes one transaction at a time instead of queueing every
 /// other lane behind it.
-const GROUP_ALONE_SQL: &str = "SELECT pg_catalog.pg_advisory_xact_lock(1179863108, 1)";
+const GROUP_LOCK: (i32, i32) = (1179863108, 1);
 const GROUP_WAIT: &str = "2s";
-const BESIDE_GROUPS_SQL: &str = "SELECT pg_catalog.pg_advisory_xact_lock_shared(1179863108, 1)";
 
 /// What applying one intent did.
 #[derive(Default)]
@@ -188,7 +180,7 @@ pub enum RowState {
 /// wins or not. The user's row is written at the heap level, as its owner.
 pub fn apply_intent(
     client: &mut SpiClient<'_>,
-    heaps: &mut Heaps,
+    heaps: &Heaps,
     t: &Rc<Table>,
     i: &Intent,
 ) -> Outcome {
@@ -216,6 +208,7 @@ pub fn apply_intent(
     };
     let cur = store.find(t.relid, &key_text);
     let x = Target {
+        heaps,
         t,
         i,
         row,
@@ -230,7 +223,7 @@ pub fn apply_intent(
     } else {
         let o = decide(x, cur);
         if let Some(c) = &o.conflict {
-            crate::conflicts::record(client, t, i, &key_text, c);
+            crate::conflicts::record(client, heaps, t, i, &key_text, c);
         }
         if o.changed && i.op == Op::Delete && tombstones::collectable(t.strategy, &t.counters) {
             tombstones::queue(client, t.relid, &key_text, i.hlc, &i.origin);
@@ -250,6 +243,8 @@ pub fn apply_intent(
 /// An intent being applied, and where its row stands.
 #[derive(Clone, Copy)]
 pub struct Target<'a> {
+    /// The apply call's open tables (the conflict history is written there).
+    pub heaps: &'a Heaps,
     pub t: &'a Table,
     pub i: &'a Intent,
     pub row: RowState,
@@ -263,6 +258,7 @@ pub struct Target<'a> {
 /// what wins.
 pub fn decide(x: Target<'_>, cur: Option<Found>) -> Outcome {
     let Target {
+        heaps: _,
         t,
         i,
         row,
@@ -371,7 +367,7 @@ pub fn decide(x: Target<'_>, cur: Option<Found>) -> Outcome {
 /// Applies one intent as it arrived (JSON text), or keeps it as a dead
 /// letter if it can never apply here. `peer`: the region whose stream
 /// carried it; only that region's own writes are accepted from it.
-pub fn apply_raw(client: &mut SpiClient<'_>, heaps: &mut Heaps, peer: &str, raw: &str) -> Arrived {
+pub fn apply_raw(client: &mut SpiClient<'_>, heaps: &Heaps, peer: &str, raw: &str) -> Arrived {
     heaps.next_command();
     if let Some(r) = Rejected::of(raw) {
         reject(client, peer, Reject::Forged, &r.reason, &r.message);
@@ -431,24 +427,54 @@ pub enum Arrived {
 }
 
 /// Counts applied intents (and the rows they changed, and conflicts) for
-/// `peer`, in the current transaction.
-pub fn count(client: &mut SpiClient<'_>, peer: &str, intents: i32, changed: i32, conflicts: i32) {
-    run_kept(
-        client,
-        COUNT_SQL,
-        &[
-            pg_sys::TEXTOID,
-            pg_sys::INT4OID,
-            pg_sys::INT4OID,
-            pg_sys::INT4OID,
-        ],
-        &[
-            peer.into(),
-            intents.into(),
-            changed.into(),
-            conflicts.into(),
-        ],
-    );
+/// `peer` in `foreshadow.peer_stats`, in the current transaction (so the
+/// figures are exact across crashes), and clears the lane's error: it
+/// applies again. At the heap level, in the apply call's `heaps`: it runs
+/// once per applied peer transaction.
+pub fn count(
+    client: &mut SpiClient<'_>,
+    heaps: &Heaps,
+    peer: &str,
+    intents: i32,
+    changed: i32,
+    conflicts: i32,
+) {
+    let stats = heaps.get(&catalog::peer_stats(client));
+    let text = |s: String| Value::String(s);
+    let key: Map<String, Value> = [("origin".to_owned(), text(peer.to_owned()))]
+        .into_iter()
+        .collect();
+    let found = stats.find(&stats.values(&key));
+    let so_far = |column: &str| -> i64 {
+        let c = stats
+            .table()
+            .column(column)
+            .expect("peer_stats has the column");
+        found
+            .and_then(|slot| stats.text_of(slot, c))
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut row = key.clone();
+    for (column, n) in [
+        ("intents", intents),
+        ("changed_rows", changed),
+        ("conflicts", conflicts),
+    ] {
+        row.insert(
+            column.into(),
+            text((so_far(column) + i64::from(n)).to_string()),
+        );
+    }
+    row.insert("last_error".into(), Value::Null);
+    row.insert("last_error_at".into(), Value::Null);
+    let mut values = stats.values(&row);
+    let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    stats.set_datum(&mut values, "last_applied_at", pg_sys::Datum::from(now));
+    match found {
+        Some(slot) => stats.update(slot, &values),
+        None => stats.insert(&values),
+    }
 }
 
 /// The peer position this session's replication origin has applied up to
@@ -539,16 +565,19 @@ fn apply_transaction(
                 &[GROUP_WAIT.into()],
             );
         }
-        run_kept(
-            client,
-            if alone {
-                GROUP_ALONE_SQL
-            } else {
-                BESIDE_GROUPS_SQL
-            },
-            &[],
-            &[],
-        );
+        // Called directly rather than through a statement: it runs for
+        // every apply call, most of which apply one small transaction.
+        let lock = if alone {
+            pg_sys::pg_advisory_xact_lock_int4
+        } else {
+            pg_sys::pg_advisory_xact_lock_shared_int4
+        };
+        unsafe {
+            pgrx::direct_function_call_as_datum(
+                lock,
+                &[GROUP_LOCK.0.into_datum(), GROUP_LOCK.1.into_datum()],
+            );
+        }
         if alone {
             run_kept(
                 client,
@@ -562,15 +591,15 @@ fn apply_transaction(
         // transaction id even when nothing here was written.
         unsafe { pg_sys::GetCurrentTransactionId() };
         let (mut intents, mut changed, mut conflicts) = (0i32, 0i32, 0i32);
-        let mut heaps = Heaps::default();
+        let heaps = Heaps::default();
         for raw in &elements {
-            if let Arrived::Data(o) = apply_raw(client, &mut heaps, peer, raw) {
+            if let Arrived::Data(o) = apply_raw(client, &heaps, peer, raw) {
                 intents += 1;
                 changed += o.changed as i32;
                 conflicts += o.conflict.is_some() as i32;
             }
         }
-        count(client, peer, intents, changed, conflicts);
+        count(client, &heaps, peer, intents, changed, conflicts);
         if let Some(at) = origin_lsn {
             // What pg_replication_origin_xact_setup does: the commit record
             // carries the peer's position, so progress is exactly the

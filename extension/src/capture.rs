@@ -115,6 +115,9 @@ fn link_key() -> Rc<Vec<u8>> {
 /// function by attribute number (`None`: dropped or generated, not sent).
 struct Printer {
     columns: Vec<Option<(String, pg_sys::Oid)>>,
+    /// By attribute number: whether the column is a key or counter column,
+    /// all that is read of a row's image before an update or delete.
+    before: Vec<bool>,
     /// money is printed after `lc_monetary`.
     money: bool,
 }
@@ -123,10 +126,10 @@ struct Printer {
 const CASHOID: u32 = 790;
 
 impl Printer {
-    fn new(desc: pg_sys::TupleDesc) -> Printer {
+    fn new(desc: pg_sys::TupleDesc, t: &TableArgs) -> Printer {
         let desc = unsafe { PgTupleDesc::from_pg_unchecked(desc) };
         let mut money = false;
-        let columns = desc
+        let columns: Vec<_> = desc
             .iter()
             .map(|a| {
                 if a.is_dropped() || a.attgenerated != 0 {
@@ -139,7 +142,18 @@ impl Printer {
                 Some((a.name().to_string(), output))
             })
             .collect();
-        Printer { columns, money }
+        let before = columns
+            .iter()
+            .map(|c| {
+                c.as_ref()
+                    .is_some_and(|(name, _)| t.pk.contains(name) || t.counters.contains(name))
+            })
+            .collect();
+        Printer {
+            columns,
+            before,
+            money,
+        }
     }
 
     /// The row as column → text (as the type's output function prints it,
@@ -148,6 +162,24 @@ impl Printer {
     /// NaN, json with duplicate keys, 'null'::json) and is read back there
     /// by the same type's input function.
     fn print(&self, desc: pg_sys::TupleDesc, tuple: pg_sys::HeapTuple) -> Map<String, Value> {
+        self.print_where(desc, tuple, |_| true)
+    }
+
+    /// The key and counter columns of the row (an image before a write).
+    fn print_before(
+        &self,
+        desc: pg_sys::TupleDesc,
+        tuple: pg_sys::HeapTuple,
+    ) -> Map<String, Value> {
+        self.print_where(desc, tuple, |i| self.before[i])
+    }
+
+    fn print_where(
+        &self,
+        desc: pg_sys::TupleDesc,
+        tuple: pg_sys::HeapTuple,
+        wanted: impl Fn(usize) -> bool,
+    ) -> Map<String, Value> {
         let n = self.columns.len();
         let (mut values, mut nulls) = (vec![pg_sys::Datum::from(0); n], vec![true; n]);
         unsafe { pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr()) };
@@ -155,6 +187,7 @@ impl Printer {
             self.columns
                 .iter()
                 .enumerate()
+                .filter(|(i, _)| wanted(*i))
                 .filter_map(|(i, c)| {
                     let (name, output) = c.as_ref()?;
                     let value = if nulls[i] {
@@ -191,7 +224,9 @@ fn captured(relid: pg_sys::Oid, desc: pg_sys::TupleDesc) -> Captured {
             return c;
         }
     }
-    let c = Rc::new((registered(relid, Caller::Capture), Printer::new(desc)));
+    let args = registered(relid, Caller::Capture);
+    let printer = Printer::new(desc, &args);
+    let c = Rc::new((args, printer));
     CAPTURED.with(|m| m.borrow_mut().insert(relid, (generation, c.clone())));
     c
 }
@@ -390,11 +425,11 @@ fn capture<'a>(
         (None, Some(p.print(desc, data.tg_trigtuple)))
     } else if fired_by(pg_sys::TRIGGER_EVENT_UPDATE) {
         (
-            Some(p.print(desc, data.tg_trigtuple)),
+            Some(p.print_before(desc, data.tg_trigtuple)),
             Some(p.print(desc, data.tg_newtuple)),
         )
     } else {
-        (Some(p.print(desc, data.tg_trigtuple)), None)
+        (Some(p.print_before(desc, data.tg_trigtuple)), None)
     };
     match (&old_row, new_row) {
         (Some(o), None) => record(
@@ -548,7 +583,7 @@ fn each_row(t: &TableArgs, mut f: impl FnMut(Map<String, Value>)) {
             let rows: Vec<Map<String, Value>> = unsafe {
                 let fetched = pg_sys::SPI_tuptable;
                 let desc = (*fetched).tupdesc;
-                let printer = Printer::new(desc);
+                let printer = Printer::new(desc, t);
                 (0..(*fetched).numvals as usize)
                     .map(|i| printer.print(desc, *(*fetched).vals.add(i)))
                     .collect()

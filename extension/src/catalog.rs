@@ -56,7 +56,7 @@ const TABLE_SQL: &str = "SELECT c.oid, c.relowner, c.reltype, t.strategy, \
      LEFT JOIN foreshadow.tables t ON t.relid OPERATOR(pg_catalog.=) c.oid \
      WHERE c.oid OPERATOR(pg_catalog.=) $1 \
      GROUP BY c.oid, c.relowner, c.reltype, t.strategy, t.merge_function, n.nspname, c.relname, t.counter_cols, t.shadows";
-const VERSIONS_SQL: &str = "SELECT 'foreshadow.row_versions'::pg_catalog.regclass::pg_catalog.oid";
+const OWN_SQL: &str = "SELECT pg_catalog.to_regclass($1)::pg_catalog.oid";
 
 pub struct Column {
     pub name: String,
@@ -133,20 +133,36 @@ pub fn table_by_relid(client: &mut SpiClient<'_>, relid: pg_sys::Oid) -> Option<
 /// `foreshadow.row_versions`, where every row's version is kept; written
 /// at the heap level like the users' tables.
 pub fn versions(client: &mut SpiClient<'_>) -> Rc<Table> {
+    own(client, "foreshadow.row_versions")
+}
+
+/// `foreshadow.conflict_log`: written for every conflict an apply meets,
+/// which under contention is every other intent, so at the heap level too.
+pub fn conflict_log(client: &mut SpiClient<'_>) -> Rc<Table> {
+    own(client, "foreshadow.conflict_log")
+}
+
+/// `foreshadow.peer_stats`: written by every apply call.
+pub fn peer_stats(client: &mut SpiClient<'_>) -> Rc<Table> {
+    own(client, "foreshadow.peer_stats")
+}
+
+/// One of Foreshadow's own tables, from the cache while nothing changed.
+fn own(client: &mut SpiClient<'_>, name: &'static str) -> Rc<Table> {
     thread_local! {
-        static VERSIONS: RefCell<Option<(u64, Rc<Table>)>> = const { RefCell::new(None) };
+        static OWN: RefCell<HashMap<&'static str, (u64, Rc<Table>)>> = RefCell::new(HashMap::new());
     }
     let generation = GENERATION.with(Cell::get);
-    if let Some((g, t)) = VERSIONS.with(|v| v.borrow().clone()) {
+    if let Some((g, t)) = OWN.with(|o| o.borrow().get(name).cloned()) {
         if g == generation {
             return t;
         }
     }
-    let t = first_oid(client, VERSIONS_SQL, &[])
+    let t = first_oid(client, OWN_SQL, &[name.into()])
         .and_then(|r| lookup(client, r))
         .map(Rc::new)
-        .expect("foreshadow.row_versions exists");
-    VERSIONS.with(|v| *v.borrow_mut() = Some((generation, t.clone())));
+        .unwrap_or_else(|| panic!("{name} exists"));
+    OWN.with(|o| o.borrow_mut().insert(name, (generation, t.clone())));
     t
 }
 

@@ -56,7 +56,7 @@ fn retry_dead_letters() -> i64 {
             &[Reject::NotGlobal.kind().into()],
         );
         let mut applied = 0i64;
-        let mut heaps = crate::heap::Heaps::default();
+        let heaps = crate::heap::Heaps::default();
         for row in kept {
             let [Some(id), Some(origin), Some(intent)] = &row[..] else {
                 continue;
@@ -67,12 +67,13 @@ fn retry_dead_letters() -> i64 {
                 continue;
             }
             let replay = Replaying::start();
-            let arrived = apply_raw(client, &mut heaps, origin, intent);
+            let arrived = apply_raw(client, &heaps, origin, intent);
             drop(replay);
             run_kept(client, DONE_SQL, &[pg_sys::TEXTOID], &[id.as_str().into()]);
             if let Arrived::Data(o) = arrived {
                 crate::apply::count(
                     client,
+                    &heaps,
                     origin,
                     0,
                     o.changed as i32,

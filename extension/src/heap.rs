@@ -19,8 +19,10 @@ use crate::catalog::{Column, Table};
 use crate::rights::as_owner;
 use pgrx::pg_sys;
 use serde_json::{Map, Value};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
+use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 
 /// A row's values by attribute number (index = attnum - 1); `None`: NULL.
@@ -47,6 +49,10 @@ pub struct Heap {
     search: *mut pg_sys::TupleTableSlot,
     local: *mut pg_sys::TupleTableSlot,
     new: *mut pg_sys::TupleTableSlot,
+    /// Column defaults by attribute number, prepared on first use (reading
+    /// one parses its expression from the catalog's text every time).
+    /// Unwind-safe: an error leaves an entry made or not, never half made.
+    defaults: AssertUnwindSafe<RefCell<HashMap<i16, *mut pg_sys::ExprState>>>,
 }
 
 /// Allocations go to the executor state's memory until dropped: it is
@@ -111,11 +117,12 @@ unsafe fn node<T>(tag: pg_sys::NodeTag) -> *mut T {
 
 /// The open tables of one apply call.
 #[derive(Default)]
-pub struct Heaps(HashMap<pg_sys::Oid, Rc<Heap>>);
+pub struct Heaps(RefCell<HashMap<pg_sys::Oid, Rc<Heap>>>);
 
 impl Heaps {
-    pub fn get(&mut self, table: &Rc<Table>) -> Rc<Heap> {
+    pub fn get(&self, table: &Rc<Table>) -> Rc<Heap> {
         self.0
+            .borrow_mut()
             .entry(table.relid)
             .or_insert_with(|| Rc::new(Heap::open(table.clone())))
             .clone()
@@ -129,7 +136,7 @@ impl Heaps {
         unsafe {
             pg_sys::CommandCounterIncrement();
             let cid = pg_sys::GetCurrentCommandId(true);
-            for heap in self.0.values() {
+            for heap in self.0.borrow().values() {
                 (*heap.estate).es_output_cid = cid;
             }
         }
@@ -178,6 +185,7 @@ impl Heap {
                 search,
                 local,
                 new,
+                defaults: AssertUnwindSafe(RefCell::new(HashMap::new())),
             }
         }
     }
@@ -285,13 +293,11 @@ impl Heap {
             if v.set[i] || c.generated {
                 continue;
             }
+            let Some(state) = self.default_of(c) else {
+                continue;
+            };
             unsafe {
                 let _cxt = Switch::to(self.cxt());
-                let expr = pg_sys::build_column_default(self.rel, c.attnum as i32);
-                if expr.is_null() {
-                    continue;
-                }
-                let state = pg_sys::ExecPrepareExpr(expr.cast(), self.estate);
                 let econtext = pg_sys::MakePerTupleExprContext(self.estate);
                 let mut null = false;
                 let eval = (*state).evalfunc.expect("an expression has an evaluator");
@@ -300,6 +306,33 @@ impl Heap {
                 v.set[i] = true;
             }
         }
+    }
+
+    /// Column `c`'s default, prepared in the executor state (None: it has
+    /// none).
+    fn default_of(&self, c: &Column) -> Option<*mut pg_sys::ExprState> {
+        if let Some(&state) = self.defaults.borrow().get(&c.attnum) {
+            return (!state.is_null()).then_some(state);
+        }
+        let state = unsafe {
+            let _cxt = Switch::to(self.cxt());
+            let expr = pg_sys::build_column_default(self.rel, c.attnum as i32);
+            if expr.is_null() {
+                std::ptr::null_mut()
+            } else {
+                pg_sys::ExecPrepareExpr(expr.cast(), self.estate)
+            }
+        };
+        self.defaults.borrow_mut().insert(c.attnum, state);
+        (!state.is_null()).then_some(state)
+    }
+
+    /// Sets column `name` to `d` (a datum of its type, in memory that lives
+    /// as long as `v` is used): for values made here rather than printed.
+    pub fn set_datum(&self, v: &mut Values, name: &str, d: pg_sys::Datum) {
+        let c = self.table.column(name).expect("the column exists");
+        let i = c.attnum as usize - 1;
+        (v.datums[i], v.nulls[i], v.set[i]) = (d, false, true);
     }
 
     pub fn insert(&self, v: &Values) {

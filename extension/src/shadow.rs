@@ -250,7 +250,7 @@ fn apply_write(
             conflicts::close(client, at.t.relid, at.key_text, "local", SUPERSEDED, 0);
         }
         if let Some(c) = &o.conflict {
-            conflicts::record(client, at.t, i, at.key_text, c);
+            conflicts::record(client, x.heaps, at.t, i, at.key_text, c);
         }
         return o;
     }
@@ -263,7 +263,7 @@ fn apply_write(
         // change): otherwise no query to close one.
         if !(was_open && conflicts::close(client, at.t.relid, at.key_text, by, r.outcome, r.calls))
         {
-            conflicts::record(client, at.t, i, at.key_text, &c);
+            conflicts::record(client, x.heaps, at.t, i, at.key_text, &c);
         }
         return Outcome {
             changed: true,
@@ -291,7 +291,7 @@ fn apply_write(
         .write(cur.as_ref(), at.t.relid, at.key_text, &version);
     let c = conflict(None, "", 0);
     if !was_open {
-        conflicts::record(client, at.t, i, at.key_text, &c);
+        conflicts::record(client, x.heaps, at.t, i, at.key_text, &c);
     }
     Outcome {
         changed,
@@ -355,7 +355,7 @@ fn adopt(
             r.outcome,
             r.calls,
         ) {
-            conflicts::record(client, at.t, i, at.key_text, &c);
+            conflicts::record(client, x.heaps, at.t, i, at.key_text, &c);
         }
         return Outcome {
             changed: true,
@@ -372,7 +372,7 @@ fn adopt(
         // if none was running.
         let c = conflict(None, "", 0);
         if !was_open {
-            conflicts::record(client, at.t, i, at.key_text, &c);
+            conflicts::record(client, x.heaps, at.t, i, at.key_text, &c);
         }
         return Outcome {
             changed,
@@ -401,7 +401,7 @@ fn adopt(
     // No conflict was open here: the resolution came before (some of) the
     // writes it resolves.
     let c = conflict(Some(by), "pre-staged before its writes arrived", 0);
-    conflicts::record(client, at.t, i, at.key_text, &c);
+    conflicts::record(client, x.heaps, at.t, i, at.key_text, &c);
     Outcome {
         changed,
         conflict: Some(c),
@@ -490,7 +490,7 @@ fn resolve_open(
         _ if overdue => "fallback",
         _ => return false,
     };
-    let mut heaps = crate::heap::Heaps::default();
+    let heaps = crate::heap::Heaps::default();
     let versions = crate::catalog::versions(client);
     let (heap, store) = (heaps.get(&t), Store::new(heaps.get(&versions)));
     let key = heap.values(&key_map);
