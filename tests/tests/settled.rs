@@ -202,3 +202,161 @@ async fn a_key_written_again_after_its_tombstone_was_forgotten_is_not_lost() {
         r[2]
     );
 }
+
+/// A region that keeps an intent of a table as a dead letter (the table
+/// was not global there yet) does not forget that table's tombstones until
+/// the dead letters are replayed: the replayed insert, older than the
+/// delete, must still meet the tombstone and lose to it. Had the region
+/// forgotten the tombstone with the others, the replay would bring the row
+/// back there alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tombstone_is_kept_while_a_dead_letter_could_still_apply_under_it() {
+    let lab = common::lab("deadletter-settled", 3, 20).await;
+    let r = common::names(&lab);
+    lab.everywhere("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+        .await
+        .unwrap();
+    let make_global = "SELECT foreshadow.make_global('public.notes', strategy => 'vv')";
+    for region in &r[..2] {
+        run(&lab, region, make_global).await;
+    }
+    let has_row = "SELECT coalesce(string_agg(body, ','), 'none') FROM notes WHERE id = 1";
+
+    // Region 2 receives the insert before notes is global there.
+    run(&lab, &r[0], "INSERT INTO notes VALUES (1, 'first')").await;
+    let kept = "SELECT count(*)::text FROM foreshadow.dead_letters \
+        WHERE kind = 'not_global' AND intent LIKE '%\"op\":\"insert\"%'";
+    common::wait_for(&lab, &r[2], kept, Some("1"), CONVERGE)
+        .await
+        .unwrap();
+    common::wait_for(&lab, &r[1], has_row, Some("first"), CONVERGE)
+        .await
+        .unwrap();
+
+    // Global everywhere now; region 1 deletes the row, which region 2 never
+    // had: it holds the tombstone.
+    run(&lab, &r[2], make_global).await;
+    run(&lab, &r[1], "DELETE FROM notes WHERE id = 1").await;
+    let version = "SELECT coalesce(string_agg(deleted::text, ','), 'none') \
+        FROM foreshadow.row_versions WHERE relid = 'notes'::regclass AND key::jsonb ->> 'id' = '1'";
+    common::wait_for(&lab, &r[2], version, Some("true"), CONVERGE)
+        .await
+        .unwrap();
+
+    // Regions 0 and 1 forget the tombstone once every other region has
+    // said it is past it; region 2 keeps it, its dead letter could still
+    // apply.
+    for region in &r[..2] {
+        common::wait_for(&lab, region, version, Some("none"), CONVERGE)
+            .await
+            .unwrap();
+    }
+    // Two more collection periods in region 2 (every 5 s).
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(
+        common::text_in(&lab, &r[2], version)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("true"),
+        "{}: the tombstone is kept while a not_global dead letter is kept",
+        r[2]
+    );
+
+    // The replayed insert loses to the tombstone: the row is deleted
+    // everywhere, and region 2 forgets the tombstone afterwards.
+    assert_eq!(
+        scalar_i64(&lab, &r[2], "SELECT foreshadow.retry_dead_letters()").await,
+        1,
+        "{}: {}",
+        r[2],
+        common::dead_letters(&lab).await
+    );
+    for region in &r {
+        assert_eq!(
+            common::text_in(&lab, region, has_row)
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("none"),
+            "{region}: the deleted row stays deleted"
+        );
+    }
+    common::wait_for(&lab, &r[2], version, Some("none"), CONVERGE)
+        .await
+        .unwrap();
+    lab.wait_identical(&["public.notes"], CONVERGE)
+        .await
+        .unwrap();
+}
+
+/// A key deleted in one region and written again there once that region
+/// has forgotten the tombstone, while a third region has not yet heard
+/// every region say it is past the tombstone (its lane from one of them
+/// held): the write had seen the delete, so it survives everywhere; the
+/// third region does not resolve it as a conflict with a tombstone every
+/// other region has forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_written_again_survives_where_a_lane_lags_behind_the_forgetting() {
+    let (lab, r) = carts_lab("reinsert-lag", &["seed"]).await;
+
+    // Region 2 hears nothing from region 0 from now on.
+    lab.hold_flow(&r[0], &r[2], true).unwrap();
+
+    // Cart 1 is deleted in region 1; regions 0 and 1 hear every other
+    // region say it is past the tombstone and forget it, region 2 keeps it
+    // (region 0's word has not reached it).
+    run(&lab, &r[1], "DELETE FROM carts WHERE id = 1").await;
+    let version = "SELECT coalesce(string_agg(deleted::text, ','), 'none') \
+        FROM foreshadow.row_versions WHERE relid = 'carts'::regclass AND key::jsonb ->> 'id' = '1'";
+    for region in &r[..2] {
+        common::wait_for(&lab, region, version, Some("none"), CONVERGE)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        common::text_in(&lab, &r[2], version)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("true"),
+        "{}: the tombstone is kept until every region has said it is past it",
+        r[2]
+    );
+
+    // Written again in region 1, which had deleted it: every region holds
+    // the new row once region 2 hears region 0 again.
+    run(&lab, &r[1], "INSERT INTO carts VALUES (1, '{again}')").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    lab.hold_flow(&r[0], &r[2], false).unwrap();
+    lab.wait_identical(&["public.carts"], CONVERGE)
+        .await
+        .unwrap();
+    for region in &r {
+        assert_eq!(
+            carts(&lab, region).await.get(&1),
+            Some(&vec!["again".to_string()]),
+            "{region}: the write made after the delete is kept"
+        );
+    }
+
+    // Region 0, whose entry the row's first life had, writes it again: a
+    // write region 2 has not seen (whatever it kept of the tombstone's
+    // version), so it arrives there too.
+    run(
+        &lab,
+        &r[0],
+        "UPDATE carts SET items = items || '{later}'::text[] WHERE id = 1",
+    )
+    .await;
+    lab.wait_identical(&["public.carts"], CONVERGE)
+        .await
+        .unwrap();
+    for region in &r {
+        assert_eq!(
+            carts(&lab, region).await.get(&1),
+            Some(&vec!["again".to_string(), "later".to_string()]),
+            "{region}: the later write is applied"
+        );
+    }
+}
