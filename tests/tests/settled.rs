@@ -29,6 +29,35 @@ async fn assert_resolution_everywhere(lab: &Lab, r: &[String], writes: &BTreeMap
     wait_for_resolution(lab, r, writes).await;
 }
 
+/// Whether row 1 of `table` has a version in a region: `none`, or whether
+/// it is deleted.
+fn version_of_row_1(table: &str) -> String {
+    format!(
+        "SELECT coalesce(string_agg(deleted::text, ','), 'none') FROM foreshadow.row_versions \
+         WHERE relid = '{table}'::regclass AND key::jsonb ->> 'id' = '1'"
+    )
+}
+
+/// Regions 0 and 1 forget the tombstone of row 1 of `table`; region 2
+/// still holds it (`why`).
+async fn forgotten_but_in_region_2(lab: &Lab, r: &[String], table: &str, why: &str) {
+    let version = version_of_row_1(table);
+    for region in &r[..2] {
+        common::wait_for(lab, region, &version, Some("none"), CONVERGE)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        common::text_in(lab, &r[2], &version)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("true"),
+        "{}: {why}",
+        r[2]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settled_leaves_and_tombstones_are_forgotten_and_never_before() {
     let (lab, r) = carts_lab("settled", &["seed"]).await;
@@ -152,22 +181,13 @@ async fn a_key_written_again_after_its_tombstone_was_forgotten_is_not_lost() {
     // Cart 1 (inserted in region 0) is deleted in region 1; regions 0 and
     // 1 forget its tombstone, region 2 keeps it.
     run(&lab, &r[1], "DELETE FROM carts WHERE id = 1").await;
-    let version = "SELECT coalesce(string_agg(deleted::text, ','), 'none') \
-        FROM foreshadow.row_versions WHERE relid = 'carts'::regclass AND key::jsonb ->> 'id' = '1'";
-    for region in &r[..2] {
-        common::wait_for(&lab, region, version, Some("none"), CONVERGE)
-            .await
-            .unwrap();
-    }
-    assert_eq!(
-        common::text_in(&lab, &r[2], version)
-            .await
-            .unwrap()
-            .as_deref(),
-        Some("true"),
-        "{}: the tombstone is kept while collect_settled() is not called",
-        r[2]
-    );
+    forgotten_but_in_region_2(
+        &lab,
+        &r,
+        "carts",
+        "the tombstone is kept while collect_settled() is not called",
+    )
+    .await;
 
     // Written again in region 0: every region holds it.
     run(&lab, &r[0], "INSERT INTO carts VALUES (1, '{again}')").await;
@@ -237,31 +257,19 @@ async fn a_tombstone_is_kept_while_a_dead_letter_could_still_apply_under_it() {
     // had: it holds the tombstone.
     run(&lab, &r[2], make_global).await;
     run(&lab, &r[1], "DELETE FROM notes WHERE id = 1").await;
-    let version = "SELECT coalesce(string_agg(deleted::text, ','), 'none') \
-        FROM foreshadow.row_versions WHERE relid = 'notes'::regclass AND key::jsonb ->> 'id' = '1'";
-    common::wait_for(&lab, &r[2], version, Some("true"), CONVERGE)
+    let version = version_of_row_1("notes");
+    common::wait_for(&lab, &r[2], &version, Some("true"), CONVERGE)
         .await
         .unwrap();
 
     // Regions 0 and 1 forget the tombstone once every other region has
     // said it is past it; region 2 keeps it, its dead letter could still
     // apply.
-    for region in &r[..2] {
-        common::wait_for(&lab, region, version, Some("none"), CONVERGE)
-            .await
-            .unwrap();
-    }
+    let why = "the tombstone is kept while a not_global dead letter is kept";
+    forgotten_but_in_region_2(&lab, &r, "notes", why).await;
     // Two more collection periods in region 2 (every 5 s).
     tokio::time::sleep(Duration::from_secs(12)).await;
-    assert_eq!(
-        common::text_in(&lab, &r[2], version)
-            .await
-            .unwrap()
-            .as_deref(),
-        Some("true"),
-        "{}: the tombstone is kept while a not_global dead letter is kept",
-        r[2]
-    );
+    forgotten_but_in_region_2(&lab, &r, "notes", why).await;
 
     // The replayed insert loses to the tombstone: the row is deleted
     // everywhere, and region 2 forgets the tombstone afterwards.
@@ -282,7 +290,7 @@ async fn a_tombstone_is_kept_while_a_dead_letter_could_still_apply_under_it() {
             "{region}: the deleted row stays deleted"
         );
     }
-    common::wait_for(&lab, &r[2], version, Some("none"), CONVERGE)
+    common::wait_for(&lab, &r[2], &version, Some("none"), CONVERGE)
         .await
         .unwrap();
     lab.wait_identical(&["public.notes"], CONVERGE)
@@ -307,22 +315,13 @@ async fn a_key_written_again_survives_where_a_lane_lags_behind_the_forgetting() 
     // region say it is past the tombstone and forget it, region 2 keeps it
     // (region 0's word has not reached it).
     run(&lab, &r[1], "DELETE FROM carts WHERE id = 1").await;
-    let version = "SELECT coalesce(string_agg(deleted::text, ','), 'none') \
-        FROM foreshadow.row_versions WHERE relid = 'carts'::regclass AND key::jsonb ->> 'id' = '1'";
-    for region in &r[..2] {
-        common::wait_for(&lab, region, version, Some("none"), CONVERGE)
-            .await
-            .unwrap();
-    }
-    assert_eq!(
-        common::text_in(&lab, &r[2], version)
-            .await
-            .unwrap()
-            .as_deref(),
-        Some("true"),
-        "{}: the tombstone is kept until every region has said it is past it",
-        r[2]
-    );
+    forgotten_but_in_region_2(
+        &lab,
+        &r,
+        "carts",
+        "the tombstone is kept until every region has said it is past it",
+    )
+    .await;
 
     // Written again in region 1, which had deleted it: every region holds
     // the new row once region 2 hears region 0 again.
