@@ -41,6 +41,12 @@ use std::rc::Rc;
 
 const REJECT_SQL: &str = "INSERT INTO foreshadow.dead_letters (origin, kind, reason, intent) \
      VALUES ($1, $2, $3, $4)";
+/// A peer's first counts (`count`), with the lane's error cleared.
+const FIRST_COUNT_SQL: &str = "INSERT INTO foreshadow.peer_stats AS s \
+     (origin, intents, changed_rows, conflicts, last_applied_at) VALUES ($1, $2, $3, $4, pg_catalog.now()) \
+     ON CONFLICT (origin) DO UPDATE SET intents = s.intents + EXCLUDED.intents, \
+       changed_rows = s.changed_rows + EXCLUDED.changed_rows, conflicts = s.conflicts + EXCLUDED.conflicts, \
+       last_applied_at = EXCLUDED.last_applied_at, last_error = NULL, last_error_at = NULL";
 const LOCK_TIMEOUT_SQL: &str = "SELECT pg_catalog.set_config('lock_timeout', $1, true)";
 /// A group of peer transactions (catching up) runs alone among the applies
 /// of peers' streams: beside another peer's group or single transactions
@@ -444,16 +450,26 @@ pub fn count(
     let key: Map<String, Value> = [("origin".to_owned(), text(peer.to_owned()))]
         .into_iter()
         .collect();
-    let found = stats.find(&stats.values(&key));
-    let so_far = |column: &str| -> i64 {
-        let c = stats
-            .table()
-            .column(column)
-            .expect("peer_stats has the column");
-        found
-            .and_then(|slot| stats.text_of(slot, c))
-            .and_then(|t| t.parse().ok())
-            .unwrap_or(0)
+    let Some(slot) = stats.find(&stats.values(&key)) else {
+        // The peer's first count here (once): an upsert, which also settles
+        // a race with another session counting the same peer first.
+        run_kept(
+            client,
+            FIRST_COUNT_SQL,
+            &[
+                pg_sys::TEXTOID,
+                pg_sys::INT4OID,
+                pg_sys::INT4OID,
+                pg_sys::INT4OID,
+            ],
+            &[
+                peer.into(),
+                intents.into(),
+                changed.into(),
+                conflicts.into(),
+            ],
+        );
+        return;
     };
     let mut row = key.clone();
     for (column, n) in [
@@ -461,9 +477,17 @@ pub fn count(
         ("changed_rows", changed),
         ("conflicts", conflicts),
     ] {
+        let c = stats
+            .table()
+            .column(column)
+            .expect("peer_stats has the column");
+        let so_far: i64 = stats
+            .text_of(slot, c)
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0);
         row.insert(
             column.into(),
-            text((so_far(column) + i64::from(n)).to_string()),
+            text(so_far.saturating_add(i64::from(n)).to_string()),
         );
     }
     row.insert("last_error".into(), Value::Null);
@@ -471,10 +495,7 @@ pub fn count(
     let mut values = stats.values(&row);
     let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
     stats.set_datum(&mut values, "last_applied_at", pg_sys::Datum::from(now));
-    match found {
-        Some(slot) => stats.update(slot, &values),
-        None => stats.insert(&values),
-    }
+    stats.update(slot, &values);
 }
 
 /// The peer position this session's replication origin has applied up to
