@@ -86,9 +86,10 @@ pub fn kind(
 
 /// Records `c`, met applying `i` to `t` (key `key_text`), in the history:
 /// written at the heap level in the apply call's `heaps` (a statement per
-/// conflict was a sixth of an apply's time when every other intent met
-/// one). The id and times are the columns' defaults; an open conflict has
-/// no resolution time.
+/// conflict, with the constraints parsed by each, was most of the SQL that
+/// took a quarter of the apply backends' time when every other intent met
+/// one: docs/benchmarks.md). The id and times are the columns' defaults; an
+/// open conflict has no resolution time.
 pub fn record(
     client: &mut SpiClient<'_>,
     heaps: &Heaps,
