@@ -35,7 +35,7 @@ pub struct Values {
 
 /// The executor state for writing rows of one table, kept for one apply
 /// call (all the intents of a peer transaction, or of a run of them) or
-/// one captured row; dropped (AFTER triggers fired, freed, closed) after.
+/// one captured row; dropped (freed, closed) after.
 pub struct Heap {
     table: Rc<Table>,
     rel: pg_sys::Relation,
@@ -165,7 +165,6 @@ impl Heap {
                 pg_sys::lappend((*estate).es_opened_result_relations, relinfo.cast());
             (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
             pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-            pg_sys::AfterTriggerBeginQuery();
             pg_sys::ExecOpenIndices(relinfo, false);
             let natts = (*(*rel).rd_att).natts as usize;
             let (search, local, new) = {
@@ -339,9 +338,23 @@ impl Heap {
         as_owner(self.table.owner, || unsafe {
             let _cxt = Switch::to(self.cxt());
             let slot = self.fill(self.new, v, None);
-            pg_sys::ExecSimpleRelationInsert(self.relinfo, self.estate, slot);
+            self.firing_after_triggers(|| {
+                pg_sys::ExecSimpleRelationInsert(self.relinfo, self.estate, slot)
+            });
             self.next_command();
         })
+    }
+
+    /// Runs one write in its own level of the AFTER-trigger queue and fires
+    /// what it queued (the triggers enabled for replicas) right after it,
+    /// as PostgreSQL's apply worker does per change: called as the owner,
+    /// the owner's triggers fire as the owner. Queued at a level shared by
+    /// several heaps, they would fire as whichever heap ends it — the
+    /// version store's, whose owner is the superuser.
+    unsafe fn firing_after_triggers(&self, write: impl FnOnce()) {
+        pg_sys::AfterTriggerBeginQuery();
+        write();
+        pg_sys::AfterTriggerEndQuery(self.estate);
     }
 
     /// Makes this heap's last write visible to its next one: a row inserted
@@ -377,7 +390,7 @@ impl Heap {
             let mut epq: pg_sys::EPQState = std::mem::zeroed();
             let none = std::ptr::null_mut();
             pg_sys::EvalPlanQualInit(&mut epq, self.estate, none, none.cast(), -1);
-            f(&mut epq);
+            self.firing_after_triggers(|| f(&mut epq));
             pg_sys::EvalPlanQualEnd(&mut epq);
             self.next_command();
         })
@@ -480,14 +493,14 @@ impl Drop for Heap {
         if std::thread::panicking() {
             return;
         }
-        // Queued AFTER triggers (enabled for replicas) fire here.
-        as_owner(self.table.owner, || unsafe {
+        // The AFTER triggers have fired after each write, each on this
+        // heap's own relation.
+        unsafe {
             pg_sys::ExecCloseIndices(self.relinfo);
-            pg_sys::AfterTriggerEndQuery(self.estate);
             pg_sys::ExecResetTupleTable((*self.estate).es_tupleTable, false);
             pg_sys::FreeExecutorState(self.estate);
             pg_sys::PopActiveSnapshot();
             pg_sys::table_close(self.rel, pg_sys::NoLock as i32);
-        })
+        }
     }
 }

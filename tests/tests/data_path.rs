@@ -328,9 +328,11 @@ async fn intent_that_does_not_fit_stops_the_lane_until_schema_fits() {
 }
 
 /// 4. Applied writes run with the table owner's rights: a trigger the owner
-/// wrote cannot do in a peer region what the owner cannot do.
+/// wrote, BEFORE or AFTER the row, cannot do in a peer region what the
+/// owner cannot do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn table_owner_cannot_become_superuser_elsewhere() {
+    const ROWS: i32 = 12;
     let lab = lab("owner", 3, 20).await;
     let r = names(&lab);
     create_login_role(&lab, "app_owner").await;
@@ -354,21 +356,29 @@ async fn table_owner_cannot_become_superuser_elsewhere() {
                  END $$;
                  CREATE TRIGGER try_escalate BEFORE INSERT ON public.owned
                      FOR EACH ROW EXECUTE FUNCTION public.try_escalate();
-                 ALTER TABLE public.owned ENABLE ALWAYS TRIGGER try_escalate;",
+                 ALTER TABLE public.owned ENABLE ALWAYS TRIGGER try_escalate;
+                 CREATE TRIGGER try_escalate_after AFTER INSERT ON public.owned
+                     FOR EACH ROW EXECUTE FUNCTION public.try_escalate();
+                 ALTER TABLE public.owned ENABLE ALWAYS TRIGGER try_escalate_after;",
             )
             .await
             .unwrap_or_else(|e| panic!("{region}: {}", pg_error(&e)));
     }
     make_global(&lab, &["owned"]).await;
-    client_as(&lab, &r[0], "app_owner")
-        .await
-        .batch_execute("INSERT INTO owned VALUES (1, 'by app_owner')")
-        .await
-        .unwrap();
+    // One transaction each: every apply call opens the row's table and
+    // Foreshadow's own (the superuser's) tables afresh, and the AFTER
+    // trigger must fire as the owner whatever order they are closed in.
+    let owner = client_as(&lab, &r[0], "app_owner").await;
+    for id in 1..=ROWS {
+        owner
+            .batch_execute(&format!("INSERT INTO owned VALUES ({id}, 'by app_owner')"))
+            .await
+            .unwrap();
+    }
     let arrived = wait_for_everywhere(
         &lab,
-        "SELECT v FROM owned WHERE id = 1",
-        Some("by app_owner"),
+        "SELECT count(*)::text FROM owned WHERE v = 'by app_owner'",
+        Some(&ROWS.to_string()),
         ARRIVE,
     )
     .await;
