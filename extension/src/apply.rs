@@ -612,7 +612,7 @@ fn apply_transaction(
         // transaction id even when nothing here was written.
         unsafe { pg_sys::GetCurrentTransactionId() };
         let (mut intents, mut changed, mut conflicts) = (0i32, 0i32, 0i32);
-        let heaps = Heaps::default();
+        let heaps = Heaps::applying();
         for raw in &elements {
             if let Arrived::Data(o) = apply_raw(client, &heaps, peer, raw) {
                 intents += 1;

@@ -56,7 +56,7 @@ fn retry_dead_letters() -> i64 {
             &[Reject::NotGlobal.kind().into()],
         );
         let mut applied = 0i64;
-        let heaps = crate::heap::Heaps::default();
+        let heaps = crate::heap::Heaps::applying();
         for row in kept {
             let [Some(id), Some(origin), Some(intent)] = &row[..] else {
                 continue;

@@ -116,10 +116,24 @@ unsafe fn node<T>(tag: pg_sys::NodeTag) -> *mut T {
 }
 
 /// The open tables of one apply call.
-#[derive(Default)]
 pub struct Heaps(RefCell<HashMap<pg_sys::Oid, Rc<Heap>>>);
 
 impl Heaps {
+    /// Starts an apply call, in a transaction whose constraint triggers
+    /// fire immediately (`SET CONSTRAINTS ALL IMMEDIATE` until it ends): a
+    /// table owner's deferrable trigger enabled for replicas then fires
+    /// right after the applied row, as the owner, like the others. Deferred
+    /// to the commit it would be queued for the transaction from within the
+    /// owner's security-restricted operation, which PostgreSQL refuses (the
+    /// peer's lane would stop), and would fire with the committer's rights.
+    pub fn applying() -> Heaps {
+        unsafe {
+            let all = node::<pg_sys::ConstraintsSetStmt>(pg_sys::NodeTag::T_ConstraintsSetStmt);
+            pg_sys::AfterTriggerSetState(all);
+        }
+        Heaps(RefCell::default())
+    }
+
     pub fn get(&self, table: &Rc<Table>) -> Rc<Heap> {
         self.0
             .borrow_mut()

@@ -490,7 +490,7 @@ fn resolve_open(
         _ if overdue => "fallback",
         _ => return false,
     };
-    let heaps = crate::heap::Heaps::default();
+    let heaps = crate::heap::Heaps::applying();
     let versions = crate::catalog::versions(client);
     let (heap, store) = (heaps.get(&t), Store::new(heaps.get(&versions)));
     let key = heap.values(&key_map);

@@ -328,8 +328,8 @@ async fn intent_that_does_not_fit_stops_the_lane_until_schema_fits() {
 }
 
 /// 4. Applied writes run with the table owner's rights: a trigger the owner
-/// wrote, BEFORE or AFTER the row, cannot do in a peer region what the
-/// owner cannot do.
+/// wrote, BEFORE or AFTER the row or deferred to the commit, cannot do in
+/// a peer region what the owner cannot do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn table_owner_cannot_become_superuser_elsewhere() {
     const ROWS: i32 = 12;
@@ -359,7 +359,11 @@ async fn table_owner_cannot_become_superuser_elsewhere() {
                  ALTER TABLE public.owned ENABLE ALWAYS TRIGGER try_escalate;
                  CREATE TRIGGER try_escalate_after AFTER INSERT ON public.owned
                      FOR EACH ROW EXECUTE FUNCTION public.try_escalate();
-                 ALTER TABLE public.owned ENABLE ALWAYS TRIGGER try_escalate_after;",
+                 ALTER TABLE public.owned ENABLE ALWAYS TRIGGER try_escalate_after;
+                 CREATE CONSTRAINT TRIGGER try_escalate_at_commit AFTER INSERT ON public.owned
+                     DEFERRABLE INITIALLY DEFERRED
+                     FOR EACH ROW EXECUTE FUNCTION public.try_escalate();
+                 ALTER TABLE public.owned ENABLE ALWAYS TRIGGER try_escalate_at_commit;",
             )
             .await
             .unwrap_or_else(|e| panic!("{region}: {}", pg_error(&e)));
@@ -400,7 +404,8 @@ async fn table_owner_cannot_become_superuser_elsewhere() {
             text_in(
                 &lab,
                 region,
-                "SELECT string_agg(DISTINCT who, ',') FROM trigger_log",
+                // Each row's three triggers (BEFORE, AFTER, deferred) ran.
+                "SELECT string_agg(DISTINCT who, ',') || ' x' || count(*) FROM trigger_log",
             )
             .await
             .unwrap(),
@@ -415,7 +420,7 @@ async fn table_owner_cannot_become_superuser_elsewhere() {
     assert!(
         ran_as
             .iter()
-            .all(|(_, who)| who.as_deref() == Some("app_owner")),
+            .all(|(_, who)| who.as_deref() == Some(format!("app_owner x{}", 3 * ROWS).as_str())),
         "the owner's trigger ran as someone else than the owner: {ran_as:?}"
     );
     assert_identical(&lab, &["owned"], "SELECT id::text, t::text FROM owned t").await;
