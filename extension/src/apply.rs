@@ -36,7 +36,6 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 use std::rc::Rc;
 
 const REJECT_SQL: &str = "INSERT INTO foreshadow.dead_letters (origin, kind, reason, intent) \
@@ -446,11 +445,7 @@ pub fn count(
     conflicts: i32,
 ) {
     let stats = heaps.get(&catalog::peer_stats(client));
-    let text = |s: String| Value::String(s);
-    let key: Map<String, Value> = [("origin".to_owned(), text(peer.to_owned()))]
-        .into_iter()
-        .collect();
-    let Some(slot) = stats.find(&stats.values(&key)) else {
+    let Some(slot) = stats.find(&stats.fields([("origin", Some(peer.to_owned()))])) else {
         // The peer's first count here (once): an upsert, which also settles
         // a race with another session counting the same peer first.
         run_kept(
@@ -471,7 +466,11 @@ pub fn count(
         );
         return;
     };
-    let mut row = key.clone();
+    let mut row = vec![
+        ("origin", Some(peer.to_owned())),
+        ("last_error", None),
+        ("last_error_at", None),
+    ];
     for (column, n) in [
         ("intents", intents),
         ("changed_rows", changed),
@@ -485,14 +484,12 @@ pub fn count(
             .text_of(slot, c)
             .and_then(|t| t.parse().ok())
             .unwrap_or(0);
-        row.insert(
-            column.into(),
-            text(so_far.saturating_add(i64::from(n)).to_string()),
-        );
+        row.push((
+            column,
+            Some(so_far.saturating_add(i64::from(n)).to_string()),
+        ));
     }
-    row.insert("last_error".into(), Value::Null);
-    row.insert("last_error_at".into(), Value::Null);
-    let mut values = stats.values(&row);
+    let mut values = stats.fields(row);
     let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
     stats.set_datum(&mut values, "last_applied_at", pg_sys::Datum::from(now));
     stats.update(slot, &values);

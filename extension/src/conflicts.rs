@@ -16,7 +16,6 @@ use crate::spi::run_kept;
 use foreshadow_model::{Intent, Op};
 use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
-use serde_json::{Map, Value};
 use std::cell::Cell;
 use std::time::{Duration, Instant};
 
@@ -104,8 +103,7 @@ pub fn record(
         Op::Update => "update",
         Op::Delete => "delete",
     };
-    let text = |s: Option<String>| s.map_or(Value::Null, Value::String);
-    let row: Map<String, Value> = [
+    let row = [
         ("relid", Some(u32::from(t.relid).to_string())),
         ("key", Some(key_text.into())),
         ("kind", Some(c.kind.into())),
@@ -121,15 +119,9 @@ pub fn record(
         ("merge_calls", Some(c.merge_calls.to_string())),
     ]
     .into_iter()
-    .map(|(k, v)| (k.to_owned(), text(v)))
-    .chain(
-        c.resolved_by
-            .is_none()
-            .then(|| ("resolved_at".to_owned(), Value::Null)),
-    )
-    .collect();
+    .chain(c.resolved_by.is_none().then_some(("resolved_at", None)));
     let log = heaps.get(&crate::catalog::conflict_log(client));
-    let mut values = log.values(&row);
+    let mut values = log.fields(row);
     log.fill_defaults(&mut values);
     log.insert(&values);
     prune_now_and_then(client);

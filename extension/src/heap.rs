@@ -214,6 +214,19 @@ impl Heap {
         as_owner(self.table.owner, || self.values_of(row))
     }
 
+    /// Reads a row of Foreshadow's own tables, made here rather than
+    /// carried by an intent: (column, text or NULL) pairs, as `values`.
+    pub fn fields<'a>(
+        &self,
+        fields: impl IntoIterator<Item = (&'a str, Option<String>)>,
+    ) -> Values {
+        let row: Map<String, Value> = fields
+            .into_iter()
+            .map(|(c, v)| (c.to_owned(), v.map_or(Value::Null, Value::String)))
+            .collect();
+        self.values(&row)
+    }
+
     fn values_of(&self, row: &Map<String, Value>) -> Values {
         let mut v = Values {
             datums: vec![pg_sys::Datum::from(0); self.natts],

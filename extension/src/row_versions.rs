@@ -7,10 +7,9 @@
 //! writers of the same row.
 
 use crate::catalog::Table;
-use crate::heap::{Heap, Values};
+use crate::heap::Heap;
 use foreshadow_model::{Hlc, VersionVector};
 use pgrx::pg_sys;
-use serde_json::{Map, Value};
 use std::rc::Rc;
 
 /// A row's version as stored.
@@ -47,18 +46,10 @@ impl Store {
         self.heap.table()
     }
 
-    fn values(&self, fields: &[(&str, Option<String>)]) -> Values {
-        let row: Map<String, Value> = fields
-            .iter()
-            .map(|(c, v)| (c.to_string(), v.clone().map_or(Value::Null, Value::String)))
-            .collect();
-        self.heap.values(&row)
-    }
-
     /// The version of row `key` (its primary key as JSON text) of table
     /// `relid`, locked; None if the row has none yet.
     pub fn find(&self, relid: pg_sys::Oid, key: &str) -> Option<Found> {
-        let search = self.values(&[
+        let search = self.heap.fields([
             ("relid", Some(u32::from(relid).to_string())),
             ("key", Some(key.into())),
         ]);
@@ -100,12 +91,14 @@ impl Store {
             ("counters", v.counters.clone()),
         ];
         match found {
-            Some(f) => self.heap.update(f.slot, &self.values(&fields)),
+            Some(f) => self.heap.update(f.slot, &self.heap.fields(fields)),
             None => {
-                let mut all = fields.to_vec();
-                all.push(("relid", Some(u32::from(relid).to_string())));
-                all.push(("key", Some(key.into())));
-                self.heap.insert(&self.values(&all));
+                let identity = [
+                    ("relid", Some(u32::from(relid).to_string())),
+                    ("key", Some(key.into())),
+                ];
+                self.heap
+                    .insert(&self.heap.fields(fields.into_iter().chain(identity)));
             }
         }
     }
