@@ -426,6 +426,72 @@ async fn table_owner_cannot_become_superuser_elsewhere() {
     assert_identical(&lab, &["owned"], "SELECT id::text, t::text FROM owned t").await;
 }
 
+/// 4b. A setting the owner's code changes while a peer's write is applied
+/// ends with that write: it cannot steer what Foreshadow runs next with
+/// the extension's rights (a `search_path` through the owner's schema
+/// would resolve its names to the owner's functions), nor the next
+/// owner's code, nor the sidecar's session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_code_cannot_change_settings_for_what_follows() {
+    let lab = lab("settings", 3, 20).await;
+    let r = names(&lab);
+    create_login_role(&lab, "app_owner").await;
+    lab.everywhere("GRANT CREATE ON SCHEMA public TO app_owner")
+        .await
+        .unwrap();
+    for region in &r {
+        client_as(&lab, region, "app_owner")
+            .await
+            .batch_execute(
+                "CREATE TABLE public.noisy (id int PRIMARY KEY);
+                 CREATE TABLE public.seen_log (id int, path text, mark text);
+                 CREATE FUNCTION public.meddle() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN
+                     INSERT INTO public.seen_log VALUES (NEW.id, current_setting('search_path'),
+                         coalesce(current_setting('app.mark', true), ''));
+                     PERFORM set_config('search_path', 'public, pg_catalog', false);
+                     PERFORM set_config('app.mark', 'left by ' || NEW.id, false);
+                     RETURN NEW;
+                 END $$;
+                 CREATE TRIGGER meddle BEFORE INSERT ON public.noisy
+                     FOR EACH ROW EXECUTE FUNCTION public.meddle();
+                 ALTER TABLE public.noisy ENABLE ALWAYS TRIGGER meddle;",
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{region}: {}", pg_error(&e)));
+    }
+    make_global(&lab, &["noisy"]).await;
+    let owner = client_as(&lab, &r[0], "app_owner").await;
+    // Rows 1 and 2 in one peer transaction (one apply call), 3 and 4 in
+    // later ones (the same apply session).
+    for sql in [
+        "BEGIN; INSERT INTO noisy VALUES (1); INSERT INTO noisy VALUES (2); COMMIT",
+        "INSERT INTO noisy VALUES (3)",
+        "INSERT INTO noisy VALUES (4)",
+    ] {
+        owner.batch_execute(sql).await.unwrap();
+    }
+    let arrived =
+        wait_for_everywhere(&lab, "SELECT count(*)::text FROM noisy", Some("4"), ARRIVE).await;
+    or_report(&lab, arrived).await;
+    for region in &r[1..] {
+        let seen = text_in(
+            &lab,
+            region,
+            "SELECT string_agg(id || ': ' || path || ' / ' || mark, '; ' ORDER BY id) FROM seen_log",
+        )
+        .await
+        .unwrap()
+        .unwrap_or_default();
+        assert!(
+            !seen.contains("left by") && !seen.contains("public"),
+            "region {region}: what the owner's trigger set while one applied row was written \
+             outlived it: {seen}"
+        );
+    }
+    assert_identical(&lab, &["noisy"], "SELECT id::text, t::text FROM noisy t").await;
+}
+
 /// 5. Applying a peer's write is replicating it: ordinary (ENABLE ORIGIN)
 /// triggers do not fire again on the applied rows, ENABLE REPLICA ones do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
