@@ -659,7 +659,10 @@ DECLARE
 BEGIN
     -- Not guarded while its triggers are remade (see guard_capture).
     UPDATE foreshadow.tables SET guarded = false WHERE relid = tbl RETURNING * INTO STRICT t;
-    v_target := format('%I.%I', t.schema_name, t.table_name);
+    -- The table itself, by what it is called now (search_path is pinned,
+    -- so the name is qualified): the name it was made global under, which
+    -- peers know it by, may since name another table of someone else's.
+    v_target := tbl::text;
     EXECUTE format('CREATE OR REPLACE TRIGGER foreshadow_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
                    'FOR EACH ROW EXECUTE FUNCTION foreshadow.capture()', v_target);
     -- ALWAYS: a session with session_replication_role = replica is

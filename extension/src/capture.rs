@@ -551,7 +551,7 @@ fn counter_nulls<'a>(
 fn announce_rows(tbl: pg_sys::Oid) {
     let t = registered(tbl, Caller::Function("announce_rows"));
     let store = open_store();
-    each_row(&t, |row| {
+    each_row(tbl, &t, |row| {
         let key = key_of(&row, &t.pk);
         let w = Write {
             op: Op::Insert,
@@ -564,18 +564,32 @@ fn announce_rows(tbl: pg_sys::Oid) {
     });
 }
 
-/// Calls `f` with every row of the table, printed as capture prints rows;
-/// read through a cursor, a batch at a time.
-fn each_row(t: &TableArgs, mut f: impl FnMut(Map<String, Value>)) {
-    let query = format!(
-        "SELECT * FROM {}.{}",
-        crate::catalog::ident(&t.schema),
-        crate::catalog::ident(&t.table)
-    );
+/// Calls `f` with every row of global table `relid`, printed as capture
+/// prints rows; read through a cursor, a batch at a time. The table is
+/// read by its relid, whatever it is called now (the name it was made
+/// global under may since name someone's view), and as its owner: opening
+/// it folds the owner's index expressions, which the callers' rights
+/// (the extension's, in `reannounce`) must not run.
+fn each_row(relid: pg_sys::Oid, t: &TableArgs, mut f: impl FnMut(Map<String, Value>)) {
+    let table = Spi::connect_mut(|client| crate::catalog::table_by_relid(client, relid))
+        .filter(|_| unsafe { pg_sys::get_rel_relkind(relid) } == pg_sys::RELKIND_RELATION as i8)
+        .unwrap_or_else(|| {
+            crate::errors::raise(
+                PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+                format!(
+                    "global table {}.{} is no longer an ordinary table",
+                    t.schema, t.table
+                ),
+                "Only ordinary tables can be global; drop_global() it.",
+            )
+        });
+    let query = format!("SELECT * FROM ONLY {}", table.qualified);
+    let owner = table.owner;
     Spi::connect_mut(|client| {
-        let mut cursor = client.open_cursor(&query, &[]);
+        let mut cursor = crate::rights::as_owner(owner, || client.open_cursor(&query, &[]));
         loop {
-            let batch = cursor.fetch(1000).expect("fetching rows");
+            let batch =
+                crate::rights::as_owner(owner, || cursor.fetch(1000)).expect("fetching rows");
             if batch.is_empty() {
                 break;
             }
@@ -630,7 +644,7 @@ fn reannounce(tbl: pg_sys::Oid) -> i64 {
           WHERE relid OPERATOR(pg_catalog.=) {} AND deleted",
         u32::from(tbl)
     );
-    each_row(&t, |row| {
+    each_row(tbl, &t, |row| {
         let key = key_of(&row, &t.pk);
         if let Some(v) = own(&key, false) {
             emit_write(&t, v, Op::Insert, key, Some(row), None, None);

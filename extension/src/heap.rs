@@ -162,7 +162,13 @@ impl Heap {
         &self.table
     }
 
+    /// Opens `table` as its owner: opening its indexes folds their
+    /// expressions and predicates, which may call the owner's functions.
     pub fn open(table: Rc<Table>) -> Heap {
+        as_owner(table.owner, || unsafe { Heap::open_as_owner(table) })
+    }
+
+    unsafe fn open_as_owner(table: Rc<Table>) -> Heap {
         unsafe {
             let rel = pg_sys::table_open(table.relid, pg_sys::RowExclusiveLock as i32);
             let estate = pg_sys::CreateExecutorState();

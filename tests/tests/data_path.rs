@@ -492,6 +492,152 @@ async fn owner_code_cannot_change_settings_for_what_follows() {
     assert_identical(&lab, &["noisy"], "SELECT id::text, t::text FROM noisy t").await;
 }
 
+/// The SQL that makes `app_owner` (a login role, CREATE on public) own
+/// `public.<table> (id int PRIMARY KEY)` and `public.tattle()`, a volatile
+/// function that tries to make app_owner a superuser and logs who ran it
+/// into `public.who_ran`: wherever it runs with more rights than the
+/// owner's, both show it.
+fn owner_with_tattler(table: &str) -> String {
+    format!(
+        "CREATE TABLE public.{table} (id int PRIMARY KEY);
+         CREATE TABLE public.who_ran (who text);
+         CREATE FUNCTION public.tattle() RETURNS int LANGUAGE plpgsql AS $$
+         BEGIN
+             BEGIN
+                 ALTER ROLE app_owner SUPERUSER;
+             EXCEPTION WHEN OTHERS THEN NULL;
+             END;
+             INSERT INTO public.who_ran VALUES (current_user);
+             RETURN 1;
+         END $$;"
+    )
+}
+
+/// In every region of `lab`: app_owner is no superuser, and every run of
+/// `tattle()` was as app_owner (at least one: `ran_somewhere`).
+async fn assert_tattler_ran_as_owner(lab: &Lab) {
+    let mut seen = Vec::new();
+    for region in names(lab) {
+        let is_super = text_in(
+            lab,
+            &region,
+            "SELECT rolsuper::text FROM pg_roles WHERE rolname = 'app_owner'",
+        )
+        .await
+        .unwrap();
+        let who = text_in(
+            lab,
+            &region,
+            "SELECT string_agg(DISTINCT who, ',') FROM who_ran",
+        )
+        .await
+        .unwrap();
+        seen.push((region, is_super, who));
+    }
+    assert!(
+        seen.iter().all(|(_, s, who)| s.as_deref() == Some("false")
+            && who.as_deref().is_none_or(|w| w == "app_owner")),
+        "the owner's code ran with more rights than the owner's (region, superuser, ran as): {seen:?}"
+    );
+}
+
+/// 4c. An index expression the owner wrote is evaluated (folded when the
+/// index is first opened) as the owner when a peer's write is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_index_expressions_run_as_owner() {
+    let lab = lab("indexexpr", 3, 20).await;
+    let r = names(&lab);
+    create_login_role(&lab, "app_owner").await;
+    lab.everywhere("GRANT CREATE ON SCHEMA public TO app_owner")
+        .await
+        .unwrap();
+    for region in &r {
+        client_as(&lab, region, "app_owner")
+            .await
+            .batch_execute(&format!(
+                "{}
+                 CREATE FUNCTION public.sneaky(int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $$
+                 BEGIN RETURN public.tattle() + $1; END $$;
+                 CREATE INDEX indexed_sneaky ON public.indexed ((public.sneaky(1) + id));",
+                owner_with_tattler("indexed")
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("{region}: {}", pg_error(&e)));
+    }
+    make_global(&lab, &["indexed"]).await;
+    client_as(&lab, &r[0], "app_owner")
+        .await
+        .batch_execute("INSERT INTO indexed VALUES (1)")
+        .await
+        .unwrap();
+    // Arrived: by its version, as a superuser's query of the table would
+    // fold the index expression itself (with the superuser's rights).
+    let arrived = wait_for_everywhere(
+        &lab,
+        "SELECT count(*)::text FROM foreshadow.row_versions WHERE relid = 'indexed'::regclass",
+        Some("1"),
+        ARRIVE,
+    )
+    .await;
+    or_report(&lab, arrived).await;
+    assert_tattler_ran_as_owner(&lab).await;
+}
+
+/// 4d. Re-announcing a table (`--resync-peer`) reads the table itself, as
+/// its owner, by what it is now: not whatever took the name it was made
+/// global under (a view of the owner's, after a rename); remaking its
+/// capture trigger too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reannounce_reads_the_table_as_its_owner() {
+    let lab = lab("reannounce", 3, 20).await;
+    let r = names(&lab);
+    create_login_role(&lab, "app_owner").await;
+    lab.everywhere("GRANT CREATE ON SCHEMA public TO app_owner")
+        .await
+        .unwrap();
+    for region in &r {
+        client_as(&lab, region, "app_owner")
+            .await
+            .batch_execute(&owner_with_tattler("renamed"))
+            .await
+            .unwrap_or_else(|e| panic!("{region}: {}", pg_error(&e)));
+    }
+    make_global(&lab, &["renamed"]).await;
+    let owner = client_as(&lab, &r[0], "app_owner").await;
+    owner
+        .batch_execute(
+            "INSERT INTO renamed VALUES (1), (2);
+             ALTER TABLE public.renamed RENAME TO moved;
+             CREATE VIEW public.renamed AS SELECT public.tattle() AS id;",
+        )
+        .await
+        .unwrap();
+    let sent = text_in(
+        &lab,
+        &r[0],
+        "SELECT foreshadow.reannounce('public.moved'::regclass)::text",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        sent.as_deref(),
+        Some("2"),
+        "re-announced the table's own rows"
+    );
+    assert_tattler_ran_as_owner(&lab).await;
+    // Its capture trigger is remade on the table too, not on the view.
+    let refreshed = text_in(
+        &lab,
+        &r[0],
+        "SELECT foreshadow.refresh_table('public.moved')::text",
+    )
+    .await;
+    assert!(
+        refreshed.is_ok(),
+        "refresh_table after a rename: {refreshed:?}"
+    );
+}
+
 /// 5. Applying a peer's write is replicating it: ordinary (ENABLE ORIGIN)
 /// triggers do not fire again on the applied rows, ENABLE REPLICA ones do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
