@@ -6,7 +6,7 @@
 mod common;
 
 use common::{
-    client_as, create_login_role, dead_letters, diff_rows, lab, names, pg_error, scalar_i64,
+    client_as, create_table_owner, dead_letters, diff_rows, lab, names, pg_error, scalar_i64,
     sidecar_config_without, text_in, wait_for, wait_for_everywhere, wait_same_with, CONVERGE,
 };
 use foreshadow_lab::workload::Rng;
@@ -335,10 +335,7 @@ async fn table_owner_cannot_become_superuser_elsewhere() {
     const ROWS: i32 = 12;
     let lab = lab("owner", 3, 20).await;
     let r = names(&lab);
-    create_login_role(&lab, "app_owner").await;
-    lab.everywhere("GRANT CREATE ON SCHEMA public TO app_owner")
-        .await
-        .unwrap();
+    create_table_owner(&lab, "app_owner").await;
     for region in &r {
         client_as(&lab, region, "app_owner")
             .await
@@ -435,10 +432,7 @@ async fn table_owner_cannot_become_superuser_elsewhere() {
 async fn owner_code_cannot_change_settings_for_what_follows() {
     let lab = lab("settings", 3, 20).await;
     let r = names(&lab);
-    create_login_role(&lab, "app_owner").await;
-    lab.everywhere("GRANT CREATE ON SCHEMA public TO app_owner")
-        .await
-        .unwrap();
+    create_table_owner(&lab, "app_owner").await;
     for region in &r {
         client_as(&lab, region, "app_owner")
             .await
@@ -547,10 +541,7 @@ async fn assert_tattler_ran_as_owner(lab: &Lab) {
 async fn owner_index_expressions_run_as_owner() {
     let lab = lab("indexexpr", 3, 20).await;
     let r = names(&lab);
-    create_login_role(&lab, "app_owner").await;
-    lab.everywhere("GRANT CREATE ON SCHEMA public TO app_owner")
-        .await
-        .unwrap();
+    create_table_owner(&lab, "app_owner").await;
     for region in &r {
         client_as(&lab, region, "app_owner")
             .await
@@ -591,10 +582,7 @@ async fn owner_index_expressions_run_as_owner() {
 async fn reannounce_reads_the_table_as_its_owner() {
     let lab = lab("reannounce", 3, 20).await;
     let r = names(&lab);
-    create_login_role(&lab, "app_owner").await;
-    lab.everywhere("GRANT CREATE ON SCHEMA public TO app_owner")
-        .await
-        .unwrap();
+    create_table_owner(&lab, "app_owner").await;
     for region in &r {
         client_as(&lab, region, "app_owner")
             .await

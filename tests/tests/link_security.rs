@@ -7,7 +7,8 @@
 mod common;
 
 use common::{
-    barrier, client_as, create_login_role, lab, names, pg_error, text_in, wait_for, CONVERGE,
+    barrier, client_as, create_login_role, create_table_owner, lab, names, pg_error, text_in,
+    wait_for, CONVERGE,
 };
 use std::time::Duration;
 
@@ -31,10 +32,7 @@ async fn count_in(lab: &foreshadow_lab::Lab, region: &str, sql: &str) -> i64 {
 async fn an_ordinary_role_cannot_reach_other_regions() {
     let lab = lab("link-roles", 3, 20).await;
     let r = names(&lab);
-    create_login_role(&lab, "mallory").await;
-    lab.everywhere("GRANT CREATE ON SCHEMA public TO mallory")
-        .await
-        .unwrap();
+    create_table_owner(&lab, "mallory").await;
     let m = client_as(&lab, &r[0], "mallory").await;
 
     // A message with Foreshadow's prefix, emitted by hand (any role may).

@@ -290,6 +290,15 @@ pub async fn create_login_role(lab: &Lab, role: &str) {
     .unwrap();
 }
 
+/// A login role in every region of `lab` that may create tables (and so
+/// own global tables) in schema public.
+pub async fn create_table_owner(lab: &Lab, role: &str) {
+    create_login_role(lab, role).await;
+    lab.everywhere(&format!("GRANT CREATE ON SCHEMA public TO {role}"))
+        .await
+        .unwrap();
+}
+
 /// `region`'s sidecar configuration without the peer `peer`.
 pub fn sidecar_config_without(lab: &Lab, region: &str, peer: &str) -> String {
     let text = lab.sidecar_config(region).unwrap();
