@@ -410,10 +410,10 @@ pub fn emit(intent: &Intent) {
 fn capture<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
-    // The sidecar's apply session: the write came from a peer, don't echo it.
-    if crate::versions::suppressed() {
-        return Ok(None);
-    }
+    // Rows applied from peers never get here: apply switches this trigger
+    // off in its own executor state (heap.rs). What does get here from an
+    // apply session is a write by a user's trigger enabled for replicas,
+    // a local write like any other.
     let relid = trigger.relid()?;
     let data = trigger.trigger_data();
     let desc = unsafe { (*data.tg_relation).rd_att };

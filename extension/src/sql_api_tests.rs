@@ -196,7 +196,6 @@ mod tests {
         assert_eq!(
             callable,
             [
-                "capture_suppressed",
                 "default_shadows",
                 "hlc_text",
                 "known_regions",

@@ -67,16 +67,3 @@ fn lww_wins(in_hlc: i64, in_origin: &str, cur_hlc: Option<i64>, cur_origin: Opti
         current,
     )
 }
-
-/// True in a session that applies peers' writes (it has a replication origin
-/// set up): capture triggers skip those writes, so nothing loops back.
-#[pg_extern(volatile, parallel_safe)]
-fn capture_suppressed() -> bool {
-    suppressed()
-}
-
-pub fn suppressed() -> bool {
-    unsafe {
-        pg_sys::replorigin_session_origin != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId
-    }
-}

@@ -627,7 +627,8 @@ async fn reannounce_reads_the_table_as_its_owner() {
 }
 
 /// 5. Applying a peer's write is replicating it: ordinary (ENABLE ORIGIN)
-/// triggers do not fire again on the applied rows, ENABLE REPLICA ones do.
+/// triggers do not fire again on the applied rows, ENABLE REPLICA ones do,
+/// and what they write to global tables travels.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ordinary_triggers_do_not_fire_on_applied_rows() {
     let lab = lab("triggers", 3, 20).await;
@@ -635,18 +636,23 @@ async fn ordinary_triggers_do_not_fire_on_applied_rows() {
     lab.everywhere(
         "CREATE TABLE stamped (id int PRIMARY KEY, v text, updated_at timestamptz);
          CREATE TABLE applied_audit (id int, op text);
+         CREATE TABLE replica_log (region text, id int, op text, PRIMARY KEY (region, id, op));
          CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN NEW.updated_at := clock_timestamp(); RETURN NEW; END $$;
          CREATE TRIGGER touch BEFORE INSERT OR UPDATE ON stamped FOR EACH ROW EXECUTE FUNCTION touch();
          CREATE FUNCTION audit_applied() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN INSERT INTO public.applied_audit VALUES (NEW.id, TG_OP); RETURN NULL; END $$;
+         BEGIN
+             INSERT INTO public.applied_audit VALUES (NEW.id, TG_OP);
+             INSERT INTO public.replica_log VALUES (foreshadow.region_name(), NEW.id, TG_OP);
+             RETURN NULL;
+         END $$;
          CREATE TRIGGER audit_applied AFTER INSERT OR UPDATE ON stamped
              FOR EACH ROW EXECUTE FUNCTION audit_applied();
          ALTER TABLE stamped ENABLE REPLICA TRIGGER audit_applied;",
     )
     .await
     .unwrap();
-    make_global(&lab, &["stamped"]).await;
+    make_global(&lab, &["stamped", "replica_log"]).await;
     // The owner's own replica trigger, named like one of Foreshadow's: it
     // fires on applied rows like any other (apply knows Foreshadow's
     // triggers by their function, not their name).
@@ -709,6 +715,18 @@ async fn ordinary_triggers_do_not_fire_on_applied_rows() {
             "the owner's trigger named foreshadow_counter_nulls was switched off on applied rows in {region}"
         );
     }
+    // What the replica trigger wrote to a global table, while a peer's
+    // write was applied, is captured like any write: it reaches every
+    // region (7 rows written in each of the two applying regions).
+    let logged = "SELECT count(*)::text FROM replica_log";
+    let arrived = wait_for_everywhere(&lab, logged, Some("14"), ARRIVE).await;
+    or_report(&lab, arrived).await;
+    assert_identical(
+        &lab,
+        &["replica_log"],
+        "SELECT region || id || op, t::text FROM replica_log t",
+    )
+    .await;
 }
 
 /// Session settings that change how values print, for the writer.
