@@ -315,6 +315,11 @@ impl ApplySession {
 
     /// Makes a stopped lane visible in `foreshadow.peer_stats` (best effort:
     /// the connection may be what failed; the log has it either way).
+    /// Refuses the lane while a resync from the peer is unfinished.
+    pub async fn refuse_unfinished_resync(&self) -> Result<(), Error> {
+        crate::resync::unfinished(&self.client, &self.peer).await
+    }
+
     pub async fn note_error(&self, e: &Error) {
         let noted = self
             .client

@@ -102,6 +102,7 @@ async fn session(
     let mut progress = apply.progress().await?;
     let what = format!("replicating from peer {}", peer.name);
     let linked = async {
+        apply.refuse_unfinished_resync().await?;
         let remote = connect(&peer.dsn, &format!("peer {}", peer.name), timeout).await?;
         let slot =
             crate::slot::ensure(&remote, &peer.name, &config.region, progress, timeout).await?;
@@ -112,7 +113,8 @@ async fn session(
     let (slot, key, mut stream) = match linked.await {
         Ok(linked) => linked,
         // What an operator must fix (a refused certificate or password, a
-        // missing slot or grant) is shown in foreshadow.alerts here too.
+        // missing slot or grant, an unfinished resync) is shown in
+        // foreshadow.alerts here too.
         Err(e) => {
             if matches!(e.kind, Kind::NeedsOperator) {
                 apply.note_error(&e).await;

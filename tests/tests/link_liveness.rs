@@ -197,6 +197,15 @@ async fn a_refused_periodic_call_is_logged_once_and_the_others_go_on() {
     }
 }
 
+/// Waits a moment, then checks that `slot` is still missing on `peer`:
+/// nothing re-created it behind the operator's back (`why` says what that
+/// would mean).
+async fn assert_slot_stays_missing(lab: &foreshadow_lab::Lab, peer: &str, slot: &str, why: &str) {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sql = format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}'");
+    assert_eq!(scalar_i64(lab, peer, &sql).await, 0, "{why}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_slot_stops_the_lane_until_resynchronised() {
     let lab = lab("live-slot", 2, 20).await;
@@ -246,22 +255,12 @@ async fn a_missing_slot_stops_the_lane_until_resynchronised() {
         .unwrap();
     assert!(detail.contains("is missing on the peer"), "{detail}");
     assert!(sidecar_log(&lab, &r[1]).contains("--resync-peer"));
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        scalar_i64(
-            &lab,
-            &r[0],
-            &format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}'")
-        )
-        .await,
-        0,
-        "the slot was re-created silently"
-    );
+    assert_slot_stays_missing(&lab, &r[0], &slot, "the slot was re-created silently").await;
     // The operator's command, with the sidecar stopped.
     lab.fault(&r[1], foreshadow_lab::lab::Fault::KillSidecar)
         .unwrap();
     let config = lab.region_dir(&r[1]).join("sidecar.toml");
-    let out =
+    let resync = || {
         std::process::Command::new(foreshadow_lab::proc::sibling_binary("foreshadow-sidecar"))
             .args([
                 "--config",
@@ -270,7 +269,43 @@ async fn a_missing_slot_stops_the_lane_until_resynchronised() {
                 &r[0],
             ])
             .output()
-            .unwrap();
+            .unwrap()
+    };
+    // A first try fails half way (the peer is down once this region's
+    // progress is forgotten). Started again, the sidecar must not take the
+    // lane for a new one: what the resync was to bring back would be
+    // skipped for good. It stays stopped until a resync finishes.
+    lab.fault(&r[0], foreshadow_lab::lab::Fault::StopPg)
+        .unwrap();
+    let failed = resync();
+    assert!(
+        !failed.status.success(),
+        "a resync with the peer down succeeded"
+    );
+    lab.fault(&r[0], foreshadow_lab::lab::Fault::StartPg)
+        .unwrap();
+    let peer = lab.client(&r[0]).await.unwrap();
+    lab.start_sidecar(&r[1]).unwrap();
+    wait_for(
+        &lab,
+        &r[1],
+        "SELECT (detail LIKE '%did not finish%')::text FROM foreshadow.alerts \
+          WHERE alert = 'lane_stopped'",
+        Some("true"),
+        CONVERGE,
+    )
+    .await
+    .unwrap();
+    assert_slot_stays_missing(
+        &lab,
+        &r[0],
+        &slot,
+        "the lane went on after an unfinished resync",
+    )
+    .await;
+    lab.fault(&r[1], foreshadow_lab::lab::Fault::KillSidecar)
+        .unwrap();
+    let out = resync();
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
