@@ -462,6 +462,7 @@ DECLARE
     v_persist   "char";
     v_partition boolean;
     v_pk        text[];
+    v_inexact   text[];
 BEGIN
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'foreshadow.make_global: table must not be NULL' USING ERRCODE = 'null_value_not_allowed';
@@ -537,6 +538,17 @@ BEGIN
             USING ERRCODE = 'invalid_table_definition',
                   DETAIL = 'Global tables identify rows across regions by their primary key.',
                   HINT = format('Add one, e.g. ALTER TABLE %s ADD PRIMARY KEY (...), then call make_global again.', tbl);
+    END IF;
+    v_inexact := foreshadow.inexact_key_columns(tbl);
+    IF cardinality(v_inexact) > 0 THEN
+        RAISE EXCEPTION 'cannot make % global: equal values of its primary key column % can print differently',
+                        tbl, array_to_string(v_inexact, ', ')
+            USING ERRCODE = 'invalid_table_definition',
+                  DETAIL = 'Each region finds a row''s version by its key as printed. With numeric, floating-point, '
+                           'interval or citext keys, or a nondeterministic collation, regions writing one row as 1.0 '
+                           'and as 1.00 would keep two versions of it.',
+                  HINT = 'Use a key of integers, text with a deterministic collation, uuid, dates or timestamps, '
+                         'or numeric with a declared scale such as numeric(12,2).';
     END IF;
 
     INSERT INTO foreshadow.tables (relid, schema_name, table_name, strategy, pk_cols, merge_function, shadows)
@@ -941,7 +953,7 @@ REVOKE EXECUTE ON FUNCTION foreshadow.make_global(regclass, text, boolean, regpr
     foreshadow.set_shadows(regclass, text[]), foreshadow.announce_shadow_set(oid), foreshadow.resolve_overdue(),
     foreshadow.heartbeat(), foreshadow.collect_tombstones(), foreshadow.collect_settled(),
     foreshadow.refresh_table(regclass), foreshadow.set_column_strategy(regclass, name, text),
-    foreshadow.announce_rows(oid), foreshadow.reannounce(oid),
+    foreshadow.announce_rows(oid), foreshadow.reannounce(oid), foreshadow.inexact_key_columns(oid),
     foreshadow.apply_transaction(text, text, text, text, timestamptz, integer),
     foreshadow.retry_dead_letters(), foreshadow.note_lane_error(text, text),
     foreshadow.grant_sidecar(regrole), foreshadow.link_key(),

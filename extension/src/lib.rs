@@ -15,6 +15,7 @@ mod dead_letters;
 mod errors;
 mod gucs;
 mod heap;
+mod keys;
 mod leaves;
 mod merge;
 mod rights;

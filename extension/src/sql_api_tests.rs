@@ -713,6 +713,34 @@ mod tests {
         );
     }
 
+    /// make_global refuses a primary key whose equal values can print
+    /// differently (its rows' versions are found by the printed key), and
+    /// takes one whose values print alike.
+    #[pg_test]
+    fn make_global_refuses_keys_that_print_equal_values_differently() {
+        Spi::run(
+            "CREATE TABLE public.kn (id numeric PRIMARY KEY); \
+             CREATE TABLE public.kf (a int, b float8, PRIMARY KEY (a, b)); \
+             CREATE TABLE public.ki (id interval PRIMARY KEY); \
+             CREATE TABLE public.ks (id numeric(12,2) PRIMARY KEY); \
+             CREATE TABLE public.kt (a text, b uuid, c timestamptz, d date, PRIMARY KEY (a, b, c, d))",
+        )
+        .unwrap();
+        let error_of = |sql: &'static str| error_of(move || Spi::run(sql).unwrap());
+        for (table, columns) in [("kn", "id"), ("kf", "b"), ("ki", "id")] {
+            let sql = format!("SELECT foreshadow.make_global('public.{table}')");
+            let sql: &'static str = Box::leak(sql.into_boxed_str());
+            assert_eq!(
+                error_of(sql),
+                format!(
+                    "cannot make public.{table} global: equal values of its primary key column {columns} can print differently"
+                )
+            );
+        }
+        Spi::run("SELECT foreshadow.make_global('public.ks')").unwrap();
+        Spi::run("SELECT foreshadow.make_global('public.kt')").unwrap();
+    }
+
     fn setup_counters() {
         Spi::run("CREATE TABLE public.c (id int PRIMARY KEY, n bigint NOT NULL, note text)")
             .unwrap();
@@ -932,7 +960,9 @@ mod tests {
 
     #[pg_test]
     fn numbers_keep_every_digit_through_apply() {
-        Spi::run("CREATE TABLE public.n (id numeric PRIMARY KEY, x numeric)").unwrap();
+        // A key of numeric with a declared scale: one without is refused
+        // (make_global_refuses_keys_that_print_equal_values_differently).
+        Spi::run("CREATE TABLE public.n (id numeric(30,9) PRIMARY KEY, x numeric)").unwrap();
         Spi::run("SELECT foreshadow.make_global('public.n')").unwrap();
         let big = "12345678901234567890.123456789";
         let intent = format!(
