@@ -192,57 +192,68 @@ pub fn apply_intent(
     check_fits(t, i);
     let versions = catalog::versions(client);
     let (heap, store) = (heaps.get(t), Store::new(heaps.get(&versions)));
-    let key_text = serde_json::to_string(&i.key).expect("a key serialises");
-    let key = heap.values(&i.key);
-    let row = match heap.find(&key) {
-        Some(local) => RowState::Locked(local),
-        None if i.op == Op::Delete => RowState::Absent,
-        None => {
-            // No row: claim the key with the row itself before its version
-            // is locked, the order a local insert takes them in. A
-            // concurrent insert of the same key makes this wait, then
-            // raise (unique violation): the sidecar applies the peer
-            // transaction again, and the row is found.
-            // Counter columns are set from the row's counters once its
-            // version is locked (`decide`).
-            let mut values = heap.values(i.row.as_ref().unwrap_or(&i.key));
-            heap.fill_defaults(&mut values);
-            heap.insert(&values);
-            RowState::Inserted
-        }
-    };
-    let cur = store.find(t.relid, &key_text);
-    let x = Target {
-        heaps,
-        t,
-        i,
-        row,
-        heap: &heap,
-        store: &store,
-        key: &key,
-        key_text: &key_text,
-    };
-    let o = if matches!(t.strategy, Some(Strategy::Merge | Strategy::Vv)) {
-        // Records its conflicts itself (they can be open, then resolved).
-        crate::shadow::apply(client, x, cur)
-    } else {
-        let o = decide(x, cur);
-        if let Some(c) = &o.conflict {
-            crate::conflicts::record(client, heaps, t, i, &key_text, c);
-        }
-        if o.changed && i.op == Op::Delete && tombstones::collectable(t.strategy, &t.counters) {
-            tombstones::queue(client, t.relid, &key_text, i.hlc, &i.origin);
+    // The owner's AFTER triggers fire once the intent is decided and written.
+    heap.after_the_intent(|| {
+        let key_text = serde_json::to_string(&i.key).expect("a key serialises");
+        let key = heap.values(&i.key);
+        let row = match heap.find(&key) {
+            Some(local) => RowState::Locked(local),
+            None if i.op == Op::Delete => RowState::Absent,
+            None => {
+                // No row: claim the key with the row itself before its version
+                // is locked, the order a local insert takes them in. A
+                // concurrent insert of the same key makes this wait, then
+                // raise (unique violation): the sidecar applies the peer
+                // transaction again, and the row is found.
+                // Counter columns are set from the row's counters once its
+                // version is locked (`decide`).
+                let mut values = heap.values(i.row.as_ref().unwrap_or(&i.key));
+                heap.fill_defaults(&mut values);
+                heap.insert(&values);
+                RowState::Inserted
+            }
+        };
+        let cur = store.find(t.relid, &key_text);
+        // A delete that found no row, then a version: a local insert of the
+        // key committed both in between (the version's lock waited for it).
+        // Its row is looked for again now that the version is held, or the
+        // delete, if it wins, would leave it live under a tombstone here alone.
+        let row = match row {
+            RowState::Absent if cur.is_some() => heap.find(&key).map_or(row, RowState::Locked),
+            row => row,
+        };
+        let x = Target {
+            heaps,
+            t,
+            i,
+            row,
+            heap: &heap,
+            store: &store,
+            key: &key,
+            key_text: &key_text,
+        };
+        let o = if matches!(t.strategy, Some(Strategy::Merge | Strategy::Vv)) {
+            // Records its conflicts itself (they can be open, then resolved).
+            crate::shadow::apply(client, x, cur)
+        } else {
+            let o = decide(x, cur);
+            if let Some(c) = &o.conflict {
+                crate::conflicts::record(client, heaps, t, i, &key_text, c);
+            }
+            if o.changed && i.op == Op::Delete && tombstones::collectable(t.strategy, &t.counters) {
+                tombstones::queue(client, t.relid, &key_text, i.hlc, &i.origin);
+            }
+            o
+        };
+        if row == RowState::Inserted && !o.changed {
+            // The write lost to the version here (a newer delete): the row
+            // claimed for it goes again.
+            if let Some(local) = heap.find(&key) {
+                heap.delete(local);
+            }
         }
         o
-    };
-    if row == RowState::Inserted && !o.changed {
-        // The write lost to the version here (a newer delete): the row
-        // claimed for it goes again.
-        if let Some(local) = heap.find(&key) {
-            heap.delete(local);
-        }
-    }
-    o
+    })
 }
 
 /// An intent being applied, and where its row stands.

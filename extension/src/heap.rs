@@ -53,6 +53,8 @@ pub struct Heap {
     /// one parses its expression from the catalog's text every time).
     /// Unwind-safe: an error leaves an entry made or not, never half made.
     defaults: AssertUnwindSafe<RefCell<HashMap<i16, *mut pg_sys::ExprState>>>,
+    /// Inside `after_the_intent`: AFTER triggers wait for the intent's end.
+    intent_open: AssertUnwindSafe<std::cell::Cell<bool>>,
 }
 
 /// Allocations go to the executor state's memory until dropped: it is
@@ -205,6 +207,7 @@ impl Heap {
                 local,
                 new,
                 defaults: AssertUnwindSafe(RefCell::new(HashMap::new())),
+                intent_open: AssertUnwindSafe(std::cell::Cell::new(false)),
             }
         }
     }
@@ -378,6 +381,32 @@ impl Heap {
         })
     }
 
+    /// Runs `apply`, one applied intent's writes to this table, with their
+    /// AFTER triggers fired once it is done, as the owner: the row's
+    /// version is decided and written by then, so a trigger that writes
+    /// the row again makes a local write above it, and the row claimed for
+    /// an insert that then lost is not taken for a row by the triggers of
+    /// its insert alone (they see it gone).
+    pub fn after_the_intent<R>(&self, apply: impl FnOnce() -> R) -> R {
+        struct Close<'a>(&'a std::cell::Cell<bool>);
+        impl Drop for Close<'_> {
+            fn drop(&mut self) {
+                self.0.set(false);
+            }
+        }
+        unsafe { pg_sys::AfterTriggerBeginQuery() };
+        let result = {
+            let _close = Close(&self.intent_open);
+            self.intent_open.set(true);
+            apply()
+        };
+        as_owner(self.table.owner, || unsafe {
+            pg_sys::AfterTriggerEndQuery(self.estate);
+            self.next_command();
+        });
+        result
+    }
+
     /// Runs one write in its own level of the AFTER-trigger queue and fires
     /// what it queued (the triggers enabled for replicas) right after it,
     /// as PostgreSQL's apply worker does per change: called as the owner,
@@ -385,6 +414,9 @@ impl Heap {
     /// several heaps, they would fire as whichever heap ends it — the
     /// version store's, whose owner is the superuser.
     unsafe fn firing_after_triggers(&self, write: impl FnOnce()) {
+        if self.intent_open.get() {
+            return write();
+        }
         pg_sys::AfterTriggerBeginQuery();
         write();
         pg_sys::AfterTriggerEndQuery(self.estate);

@@ -637,6 +637,16 @@ async fn ordinary_triggers_do_not_fire_on_applied_rows() {
         "CREATE TABLE stamped (id int PRIMARY KEY, v text, updated_at timestamptz);
          CREATE TABLE applied_audit (id int, op text);
          CREATE TABLE replica_log (region text, id int, op text, PRIMARY KEY (region, id, op));
+         CREATE TABLE echoed (id int PRIMARY KEY, note text);
+         CREATE FUNCTION echo() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF pg_trigger_depth() = 1 THEN
+                 UPDATE public.echoed SET note = 'seen in ' || foreshadow.region_name() WHERE id = NEW.id;
+             END IF;
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER echo AFTER INSERT ON echoed FOR EACH ROW EXECUTE FUNCTION echo();
+         ALTER TABLE echoed ENABLE REPLICA TRIGGER echo;
          CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN NEW.updated_at := clock_timestamp(); RETURN NEW; END $$;
          CREATE TRIGGER touch BEFORE INSERT OR UPDATE ON stamped FOR EACH ROW EXECUTE FUNCTION touch();
@@ -652,7 +662,7 @@ async fn ordinary_triggers_do_not_fire_on_applied_rows() {
     )
     .await
     .unwrap();
-    make_global(&lab, &["stamped", "replica_log"]).await;
+    make_global(&lab, &["stamped", "replica_log", "echoed"]).await;
     // The owner's own replica trigger, named like one of Foreshadow's: it
     // fires on applied rows like any other (apply knows Foreshadow's
     // triggers by their function, not their name).
@@ -692,6 +702,11 @@ async fn ordinary_triggers_do_not_fire_on_applied_rows() {
         "SELECT id::text, t::text FROM stamped t",
     )
     .await;
+    // A replica trigger that writes the very row being applied: its write
+    // is a local one after the applied write, and travels too.
+    a.batch_execute("INSERT INTO echoed VALUES (1, 'new'), (2, 'new')")
+        .await
+        .unwrap();
     let audit =
         "SELECT count(*) || ' writes of ' || count(DISTINCT id) || ' rows' FROM applied_audit";
     assert_eq!(
@@ -727,6 +742,10 @@ async fn ordinary_triggers_do_not_fire_on_applied_rows() {
         "SELECT region || id || op, t::text FROM replica_log t",
     )
     .await;
+    let echoed = "SELECT count(*)::text FROM echoed WHERE note LIKE 'seen in %'";
+    let arrived = wait_for_everywhere(&lab, echoed, Some("2"), ARRIVE).await;
+    or_report(&lab, arrived).await;
+    assert_identical(&lab, &["echoed"], "SELECT id::text, t::text FROM echoed t").await;
 }
 
 /// Session settings that change how values print, for the writer.
