@@ -107,6 +107,18 @@ fn check_dsn(key: &str, dsn: &str) -> Result<crate::tls::Target, ConfigError> {
 }
 
 impl Config {
+    /// Peers whose DSN does not authenticate the server by its certificate
+    /// (`sslmode=verify-full` or `verify-ca` with `sslrootcert`): there the
+    /// network can answer in the peer's place, read the credentials and
+    /// the link key (docs/security.md). Allowed, for labs, but said.
+    pub fn unverified_peers(&self) -> Vec<&str> {
+        self.peers
+            .iter()
+            .filter(|p| crate::tls::parse_dsn(&p.dsn).is_ok_and(|t| !t.tls.verifies_server()))
+            .map(|p| p.name.as_str())
+            .collect()
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let shown = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -224,6 +236,19 @@ mod tests {
         );
         // Parsing alone (e.g. the shipped example) does not read files.
         Config::parse(&text).unwrap();
+    }
+
+    #[test]
+    fn peers_whose_server_is_not_verified_are_listed() {
+        let verified = GOOD.replace(
+            "port=5432 user=foreshadow",
+            "sslmode=verify-full sslrootcert=/etc/ca.crt port=5432 user=foreshadow",
+        );
+        assert!(Config::parse(&verified)
+            .unwrap()
+            .unverified_peers()
+            .is_empty());
+        assert_eq!(Config::parse(GOOD).unwrap().unverified_peers(), ["eu-west"]);
     }
 
     #[test]

@@ -24,6 +24,9 @@ impl Error {
         let kind = match e.code().map(|c| c.code()) {
             // A certificate the configuration refuses needs an operator.
             _ if crate::tls::refused_by_tls(&e) => Kind::NeedsOperator,
+            // 55006, object in use: the replication origin or slot is still
+            // held by the session before a reconnect, until it ends.
+            Some("55006") => Kind::Transient,
             // 28: authorization; 42: privileges, undefined objects (no
             // extension, no function); 55: object not in prerequisite state.
             Some(code)

@@ -39,7 +39,17 @@ fn main() -> ExitCode {
             return ExitCode::from(78); // EX_CONFIG: systemd will not hammer restarts on it
         }
     };
+    let unverified = |peer: &str| {
+        format!(
+            "peer {peer}: its DSN does not verify the server's certificate (sslmode=verify-full \
+             with sslrootcert), so the network between the regions can answer in its place, \
+             read the credentials and the link key (docs/security.md)"
+        )
+    };
     if args.check_config {
+        for peer in config.unverified_peers() {
+            eprintln!("foreshadow-sidecar: warning: {}", unverified(peer));
+        }
         println!(
             "{}: ok (region {}, {} peers)",
             args.config.display(),
@@ -57,6 +67,9 @@ fn main() -> ExitCode {
         // Colour codes only for a terminal, never in journald or log files.
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    for peer in config.unverified_peers() {
+        tracing::warn!("{}", unverified(peer));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

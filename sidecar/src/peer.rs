@@ -18,6 +18,10 @@ use tokio::sync::watch;
 /// arrived, so that the sidecar holds at most about this much of it.
 const CHUNK_BYTES: usize = 16 << 20;
 const CHUNK_INTENTS: usize = 20_000;
+/// A batch of whole peer transactions is applied once it holds this many
+/// bytes of intents, however few intents (each up to `CHUNK_BYTES`): the
+/// sidecar's memory stays bounded while a peer streams a backlog.
+const BATCH_BYTES: usize = 4 * CHUNK_BYTES;
 
 /// How the link to a peer is doing, as last logged.
 #[derive(Clone, Debug, PartialEq)]
@@ -125,7 +129,7 @@ async fn session(
     link.set(LinkState::Replicating);
     let mut grouper = Grouper::default();
     let mut pending: Vec<Transaction> = Vec::new();
-    let mut pending_intents = 0usize;
+    let (mut pending_intents, mut pending_bytes) = (0usize, 0usize);
     let mut received = progress;
     let mut status = tokio::time::interval(Duration::from_secs(1));
     let mut last_heard = std::time::Instant::now();
@@ -151,12 +155,12 @@ async fn session(
                             // A large transaction: what came before it is
                             // applied first, then it, part by part.
                             if !pending.is_empty() {
-                                apply.apply(&pending, progress).await?;
+                                said_while_waiting(&peer.name, apply.apply(&pending, progress)).await?;
                                 progress = pending.last().map(|t| t.end_lsn).unwrap_or(progress);
                                 pending.clear();
-                                pending_intents = 0;
+                                (pending_intents, pending_bytes) = (0, 0);
                             }
-                            apply.apply_chunk(&chunk, progress).await?;
+                            said_while_waiting(&peer.name, apply.apply_chunk(&chunk, progress)).await?;
                         }
                         let done = done.map(|mut t| {
                             key.open_all(&peer.name, &mut t.intents);
@@ -164,7 +168,7 @@ async fn session(
                         });
                         match done {
                             Some(t) if apply.in_large() => {
-                                apply.finish_large(&t, progress).await?;
+                                said_while_waiting(&peer.name, apply.finish_large(&t, progress)).await?;
                                 received = t.end_lsn;
                                 progress = t.end_lsn;
                                 false
@@ -172,8 +176,12 @@ async fn session(
                             Some(t) => {
                                 received = t.end_lsn;
                                 pending_intents += t.intents.len();
+                                pending_bytes += t.intents.iter().map(Vec::len).sum::<usize>();
                                 pending.push(t);
-                                pending_intents >= batch_changes as usize
+                                // Transactions count too: ones without
+                                // intents would otherwise pile up unbounded.
+                                pending_intents.max(pending.len()) >= batch_changes as usize
+                                    || pending_bytes >= BATCH_BYTES
                             }
                             None => false,
                         }
@@ -217,11 +225,37 @@ async fn session(
             _ = std::future::ready(()), if ready => true,
         };
         if apply_now {
-            let applied = apply.apply(&pending, progress).await?;
+            let applied = said_while_waiting(&peer.name, apply.apply(&pending, progress)).await?;
             tracing::debug!(peer = %peer.name, ?applied, upto = %received, "applied");
             progress = progress.max(pending.last().map(|t| t.end_lsn).unwrap_or(progress));
             pending.clear();
-            pending_intents = 0;
+            (pending_intents, pending_bytes) = (0, 0);
+        }
+    }
+}
+
+/// How long an apply call may wait before the log says so, and again.
+const WAITING_SAID_EVERY: Duration = Duration::from_secs(30);
+
+/// Runs an apply call, logging while it takes long: it waits for what a
+/// session here holds (a row lock, an idle transaction), as PostgreSQL's
+/// own apply worker does, and the lane stands still meanwhile.
+async fn said_while_waiting<T>(peer: &str, apply: impl std::future::Future<Output = T>) -> T {
+    let mut apply = std::pin::pin!(apply);
+    let started = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            done = &mut apply => {
+                if started.elapsed() >= WAITING_SAID_EVERY {
+                    tracing::info!(peer, waited_s = started.elapsed().as_secs(), "applying from the peer goes on");
+                }
+                return done;
+            }
+            _ = tokio::time::sleep(WAITING_SAID_EVERY) => tracing::warn!(
+                peer, waited_s = started.elapsed().as_secs(),
+                "applying from the peer is waiting: a session here may hold rows it writes \
+                 (see pg_stat_activity and pg_locks)"
+            ),
         }
     }
 }

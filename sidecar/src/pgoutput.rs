@@ -147,6 +147,11 @@ impl Grouper {
     /// Takes the next message; returns the transaction it completes, if any.
     pub fn feed(&mut self, data: &[u8]) -> Result<Option<Transaction>, DecodeError> {
         match decode(data)? {
+            // A transaction begun inside another would drop what the first
+            // collected (and chunks of it may be applied already).
+            Message::Begin { .. } if self.cur.is_some() => {
+                return Err(DecodeError("a transaction began inside another"))
+            }
             Message::Begin { .. } => self.cur = Some(Transaction::default()),
             Message::Message {
                 transactional: true,
@@ -276,6 +281,7 @@ mod tests {
         assert_eq!(decode(&m), Err(DecodeError("truncated")));
         assert!(group(&[message("foreshadow", b"{}")]).is_err());
         assert!(group(&[commit(1)]).is_err());
+        assert!(group(&[begin(), message("foreshadow", b"{}"), begin()]).is_err());
     }
 
     #[test]

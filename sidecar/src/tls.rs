@@ -174,7 +174,12 @@ fn split_key_value(dsn: &str) -> Result<(String, Vec<(String, String)>), String>
         }
         while it.next_if(|&(_, c)| c.is_whitespace()).is_some() {}
         if it.next_if(|&(_, c)| c == '=').is_none() {
-            return Err(format!("expected `=` after `{key}`"));
+            // Not the word itself: it may be part of a password with an
+            // unquoted space, and this message reaches the logs.
+            return Err(
+                "a word is not followed by `=` (quote values that contain spaces: key='a value')"
+                    .into(),
+            );
         }
         while it.next_if(|&(_, c)| c.is_whitespace()).is_some() {}
         let mut value = String::new();
@@ -459,6 +464,14 @@ mod tests {
             t.pg.get_ssl_mode(),
             tokio_postgres::config::SslMode::Require
         );
+    }
+
+    #[test]
+    fn a_refused_dsn_does_not_quote_what_may_be_a_password() {
+        let Err(e) = parse_dsn("host=a user=u password=secret words") else {
+            panic!("a DSN with an unquoted space in a value was taken");
+        };
+        assert!(!e.contains("words") && !e.contains("secret"), "{e}");
     }
 
     #[test]
