@@ -500,10 +500,16 @@ fn counter_delta(
             };
             let (n, o) = (text(new.get(c)), text(old.and_then(|r| r.get(c))));
             let d = crate::counters::difference(&n, &o);
-            (
-                c.clone(),
-                serde_json::from_str(&d).unwrap_or(Value::from(0)),
-            )
+            // NaN and the infinities (numeric) are no increment: sent as
+            // 0, the writer's region alone would hold them.
+            let Ok(d) = serde_json::from_str::<Number>(&d) else {
+                crate::errors::raise(
+                    PgSqlErrorCode::ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
+                    format!("counter column \"{c}\" cannot become {n}"),
+                    "A counter adds up its increments in every region: only finite numbers.",
+                )
+            };
+            (c.clone(), Value::Number(d))
         })
         .collect()
 }

@@ -1090,6 +1090,26 @@ mod tests {
         );
     }
 
+    /// A numeric counter cannot become NaN or infinite: no increment gets
+    /// it there in the other regions.
+    #[pg_test]
+    fn counter_refuses_what_increments_cannot_reach() {
+        Spi::run("CREATE TABLE public.cn (id int PRIMARY KEY, n numeric NOT NULL)").unwrap();
+        Spi::run("SELECT foreshadow.make_global('public.cn')").unwrap();
+        Spi::run("SELECT foreshadow.set_column_strategy('public.cn', 'n', 'counter')").unwrap();
+        Spi::run("INSERT INTO cn VALUES (1, 2.5)").unwrap();
+        Spi::run("UPDATE cn SET n = n + 1.25 WHERE id = 1").unwrap();
+        assert_eq!(
+            Spi::get_one::<String>("SELECT n::text FROM cn WHERE id = 1"),
+            Ok(Some("3.75".into()))
+        );
+        // Last: the error is caught without a subtransaction to undo it.
+        assert_eq!(
+            error_of(|| Spi::run("UPDATE cn SET n = 'Infinity' WHERE id = 1").unwrap()),
+            "counter column \"n\" cannot become Infinity"
+        );
+    }
+
     #[pg_test]
     fn digest_is_order_independent_and_content_sensitive() {
         Spi::run("CREATE TABLE t1 (id int PRIMARY KEY, v text); CREATE TABLE t2 (id int PRIMARY KEY, v text)").unwrap();
