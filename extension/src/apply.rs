@@ -214,14 +214,23 @@ pub fn apply_intent(
             }
         };
         let cur = store.find(t.relid, &key_text);
-        // A delete that found no row, then a version: a local insert of the
-        // key committed both in between (the version's lock waited for it).
-        // Its row is looked for again now that the version is held, or the
-        // delete, if it wins, would leave it live under a tombstone here alone.
-        let row = match row {
-            RowState::Absent if cur.is_some() => heap.find(&key).map_or(row, RowState::Locked),
-            row => row,
-        };
+        // A delete that found no row, then a live version: a local insert
+        // of the key committed both in between (the version's lock waited
+        // for it). Applied on, a winning delete would leave that row live
+        // under a tombstone here alone; locking the row now would take the
+        // locks in the reverse of a local writer's order. So the peer
+        // transaction is applied again (the sidecar retries 40001), and
+        // finds the row first.
+        if row == RowState::Absent && cur.as_ref().is_some_and(|f| !f.version.deleted) {
+            raise(
+                PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+                format!(
+                    "a local insert of key {key_text} of {} committed while a peer's delete of it was applied",
+                    t.qualified
+                ),
+                "The peer transaction is applied again.",
+            );
+        }
         let x = Target {
             heaps,
             t,

@@ -499,13 +499,17 @@ fn counter_delta(
                 _ => "0".into(),
             };
             let (n, o) = (text(new.get(c)), text(old.and_then(|r| r.get(c))));
-            let d = crate::counters::difference(&n, &o);
+            let d = if n == o {
+                "0".into()
+            } else {
+                crate::counters::difference(&n, &o)
+            };
             // NaN and the infinities (numeric) are no increment: sent as
             // 0, the writer's region alone would hold them.
             let Ok(d) = serde_json::from_str::<Number>(&d) else {
                 crate::errors::raise(
                     PgSqlErrorCode::ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
-                    format!("counter column \"{c}\" cannot become {n}"),
+                    format!("counter column \"{c}\" cannot go from {o} to {n}"),
                     "A counter adds up its increments in every region: only finite numbers.",
                 )
             };
@@ -589,6 +593,24 @@ fn each_row(relid: pg_sys::Oid, t: &TableArgs, mut f: impl FnMut(Map<String, Val
                 "Only ordinary tables can be global; drop_global() it.",
             )
         });
+    // Row-level security the owner is subject to (FORCE) would skip rows
+    // silently: refused instead.
+    let forced = unsafe {
+        let rel = pg_sys::RelationIdGetRelation(relid);
+        let forced = (*(*rel).rd_rel).relrowsecurity && (*(*rel).rd_rel).relforcerowsecurity;
+        pg_sys::RelationClose(rel);
+        forced
+    };
+    if forced {
+        crate::errors::raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!(
+                "cannot read {} to announce its rows: row-level security is forced on its owner",
+                table.qualified
+            ),
+            "Its rows are read as its owner; run ALTER TABLE ... NO FORCE ROW LEVEL SECURITY for the announce, then FORCE again.",
+        );
+    }
     let query = format!("SELECT * FROM ONLY {}", table.qualified);
     let owner = table.owner;
     Spi::connect_mut(|client| {

@@ -128,11 +128,15 @@ impl Heaps {
     /// to the commit it would be queued for the transaction from within the
     /// owner's security-restricted operation, which PostgreSQL refuses (the
     /// peer's lane would stop), and would fire with the committer's rights.
+    /// Set as the calling role (outside this SECURITY DEFINER function):
+    /// it fires at once what the caller's transaction had deferred, which
+    /// must not run with the extension owner's rights.
     pub fn applying() -> Heaps {
-        unsafe {
+        let caller = unsafe { pg_sys::GetOuterUserId() };
+        as_owner(caller, || unsafe {
             let all = node::<pg_sys::ConstraintsSetStmt>(pg_sys::NodeTag::T_ConstraintsSetStmt);
             pg_sys::AfterTriggerSetState(all);
-        }
+        });
         Heaps(RefCell::default())
     }
 

@@ -20,12 +20,20 @@ const BTEQUALIMAGE_PROC: i16 = 4;
 #[pg_extern(stable, parallel_safe)]
 fn inexact_key_columns(tbl: pg_sys::Oid) -> Vec<String> {
     unsafe {
+        // The primary key, deferrable or not (RelationGetPrimaryKeyIndex
+        // leaves deferrable ones out).
         let rel = pg_sys::table_open(tbl, pg_sys::AccessShareLock as i32);
-        let pk = pg_sys::RelationGetPrimaryKeyIndex(rel);
+        let indexes = pgrx::PgList::<pg_sys::Oid>::from_pg(pg_sys::RelationGetIndexList(rel));
         pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
-        if pk == pg_sys::InvalidOid {
+        let primary = indexes.iter_oid().find(|&i| {
+            let index = pg_sys::index_open(i, pg_sys::AccessShareLock as i32);
+            let primary = (*(*index).rd_index).indisprimary;
+            pg_sys::index_close(index, pg_sys::AccessShareLock as i32);
+            primary
+        });
+        let Some(pk) = primary else {
             return Vec::new();
-        }
+        };
         let index = pg_sys::index_open(pk, pg_sys::AccessShareLock as i32);
         let keys = (*(*index).rd_index).indnkeyatts as usize;
         let inexact = (0..keys)

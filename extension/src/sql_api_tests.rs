@@ -31,6 +31,39 @@ mod tests {
         changed
     }
 
+    /// What the caller's transaction had deferred, which an apply call
+    /// fires at once (it makes constraints immediate), runs as the caller,
+    /// not as the extension's owner.
+    #[pg_test]
+    fn an_apply_call_fires_the_callers_deferred_triggers_as_the_caller() {
+        Spi::run(
+            "CREATE ROLE low NOSUPERUSER; \
+             GRANT EXECUTE ON FUNCTION foreshadow.apply_transaction(text, text, text, text, timestamptz, integer) TO low; \
+             CREATE TABLE public.who_ran (who text); \
+             CREATE FUNCTION public.tell() RETURNS trigger LANGUAGE plpgsql AS \
+               $$ BEGIN INSERT INTO public.who_ran VALUES (current_user); RETURN NULL; END $$; \
+             CREATE TABLE public.d (id int); \
+             CREATE CONSTRAINT TRIGGER tell AFTER INSERT ON public.d DEFERRABLE INITIALLY DEFERRED \
+               FOR EACH ROW EXECUTE FUNCTION public.tell(); \
+             GRANT INSERT ON public.d, public.who_ran TO low",
+        )
+        .unwrap();
+        Spi::run("SET ROLE low").unwrap();
+        Spi::run("INSERT INTO public.d VALUES (1)").unwrap();
+        Spi::run("RESET ROLE").unwrap();
+        // The origin's setup needs more than `low` has; the call does not.
+        Spi::run("SELECT pg_replication_origin_create('foreshadow_test_low')").unwrap();
+        Spi::run("SELECT pg_replication_origin_session_setup('foreshadow_test_low')").unwrap();
+        Spi::run("SET ROLE low").unwrap();
+        Spi::run("SELECT foreshadow.apply_transaction('peer', '[]', '0/0', NULL, NULL)").unwrap();
+        Spi::run("RESET ROLE").unwrap();
+        Spi::run("SELECT pg_replication_origin_session_reset()").unwrap();
+        assert_eq!(
+            Spi::get_one::<String>("SELECT string_agg(who, ',') FROM public.who_ran"),
+            Ok(Some("low".into()))
+        );
+    }
+
     /// The message of the error `f` raises ("" if none).
     fn error_of(f: impl FnOnce() + std::panic::UnwindSafe) -> String {
         PgTryBuilder::new(|| {
@@ -1106,7 +1139,7 @@ mod tests {
         // Last: the error is caught without a subtransaction to undo it.
         assert_eq!(
             error_of(|| Spi::run("UPDATE cn SET n = 'Infinity' WHERE id = 1").unwrap()),
-            "counter column \"n\" cannot become Infinity"
+            "counter column \"n\" cannot go from 3.75 to Infinity"
         );
     }
 
