@@ -327,20 +327,29 @@ async fn intent_that_does_not_fit_stops_the_lane_until_schema_fits() {
     assert_no_dead_letters(&lab).await;
 }
 
+/// A 3-region lab where login role `app_owner` may create tables in
+/// public and has run `sql` in every region; its region names.
+async fn lab_with_owner_schema(name: &str, sql: impl AsRef<str>) -> (common::TestLab, Vec<String>) {
+    let lab = lab(name, 3, 20).await;
+    let r = names(&lab);
+    create_table_owner(&lab, "app_owner").await;
+    for region in &r {
+        client_as(&lab, region, "app_owner")
+            .await
+            .batch_execute(sql.as_ref())
+            .await
+            .unwrap_or_else(|e| panic!("{region}: {}", pg_error(&e)));
+    }
+    (lab, r)
+}
+
 /// 4. Applied writes run with the table owner's rights: a trigger the owner
 /// wrote, BEFORE or AFTER the row or deferred to the commit, cannot do in
 /// a peer region what the owner cannot do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn table_owner_cannot_become_superuser_elsewhere() {
     const ROWS: i32 = 12;
-    let lab = lab("owner", 3, 20).await;
-    let r = names(&lab);
-    create_table_owner(&lab, "app_owner").await;
-    for region in &r {
-        client_as(&lab, region, "app_owner")
-            .await
-            .batch_execute(
-                "CREATE TABLE public.owned (id int PRIMARY KEY, v text);
+    let (lab, r) = lab_with_owner_schema("owner", "CREATE TABLE public.owned (id int PRIMARY KEY, v text);
                  CREATE TABLE public.trigger_log (id int, who text);
                  CREATE FUNCTION public.try_escalate() RETURNS trigger LANGUAGE plpgsql SECURITY INVOKER AS $$
                  BEGIN
@@ -360,11 +369,7 @@ async fn table_owner_cannot_become_superuser_elsewhere() {
                  CREATE CONSTRAINT TRIGGER try_escalate_at_commit AFTER INSERT ON public.owned
                      DEFERRABLE INITIALLY DEFERRED
                      FOR EACH ROW EXECUTE FUNCTION public.try_escalate();
-                 ALTER TABLE public.owned ENABLE ALWAYS TRIGGER try_escalate_at_commit;",
-            )
-            .await
-            .unwrap_or_else(|e| panic!("{region}: {}", pg_error(&e)));
-    }
+                 ALTER TABLE public.owned ENABLE ALWAYS TRIGGER try_escalate_at_commit;",).await;
     make_global(&lab, &["owned"]).await;
     // One transaction each: every apply call opens the row's table and
     // Foreshadow's own (the superuser's) tables afresh, and the AFTER
@@ -430,14 +435,9 @@ async fn table_owner_cannot_become_superuser_elsewhere() {
 /// owner's code, nor the sidecar's session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn owner_code_cannot_change_settings_for_what_follows() {
-    let lab = lab("settings", 3, 20).await;
-    let r = names(&lab);
-    create_table_owner(&lab, "app_owner").await;
-    for region in &r {
-        client_as(&lab, region, "app_owner")
-            .await
-            .batch_execute(
-                "CREATE TABLE public.noisy (id int PRIMARY KEY);
+    let (lab, r) = lab_with_owner_schema(
+        "settings",
+        "CREATE TABLE public.noisy (id int PRIMARY KEY);
                  CREATE TABLE public.seen_log (id int, path text, mark text);
                  CREATE FUNCTION public.meddle() RETURNS trigger LANGUAGE plpgsql AS $$
                  BEGIN
@@ -450,10 +450,8 @@ async fn owner_code_cannot_change_settings_for_what_follows() {
                  CREATE TRIGGER meddle BEFORE INSERT ON public.noisy
                      FOR EACH ROW EXECUTE FUNCTION public.meddle();
                  ALTER TABLE public.noisy ENABLE ALWAYS TRIGGER meddle;",
-            )
-            .await
-            .unwrap_or_else(|e| panic!("{region}: {}", pg_error(&e)));
-    }
+    )
+    .await;
     make_global(&lab, &["noisy"]).await;
     let owner = client_as(&lab, &r[0], "app_owner").await;
     // Rows 1 and 2 in one peer transaction (one apply call), 3 and 4 in
@@ -539,22 +537,17 @@ async fn assert_tattler_ran_as_owner(lab: &Lab) {
 /// index is first opened) as the owner when a peer's write is applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn owner_index_expressions_run_as_owner() {
-    let lab = lab("indexexpr", 3, 20).await;
-    let r = names(&lab);
-    create_table_owner(&lab, "app_owner").await;
-    for region in &r {
-        client_as(&lab, region, "app_owner")
-            .await
-            .batch_execute(&format!(
-                "{}
+    let (lab, r) = lab_with_owner_schema(
+        "indexexpr",
+        format!(
+            "{}
                  CREATE FUNCTION public.sneaky(int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $$
                  BEGIN RETURN public.tattle() + $1; END $$;
                  CREATE INDEX indexed_sneaky ON public.indexed ((public.sneaky(1) + id));",
-                owner_with_tattler("indexed")
-            ))
-            .await
-            .unwrap_or_else(|e| panic!("{region}: {}", pg_error(&e)));
-    }
+            owner_with_tattler("indexed")
+        ),
+    )
+    .await;
     make_global(&lab, &["indexed"]).await;
     client_as(&lab, &r[0], "app_owner")
         .await
@@ -580,16 +573,7 @@ async fn owner_index_expressions_run_as_owner() {
 /// capture trigger too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reannounce_reads_the_table_as_its_owner() {
-    let lab = lab("reannounce", 3, 20).await;
-    let r = names(&lab);
-    create_table_owner(&lab, "app_owner").await;
-    for region in &r {
-        client_as(&lab, region, "app_owner")
-            .await
-            .batch_execute(&owner_with_tattler("renamed"))
-            .await
-            .unwrap_or_else(|e| panic!("{region}: {}", pg_error(&e)));
-    }
+    let (lab, r) = lab_with_owner_schema("reannounce", owner_with_tattler("renamed")).await;
     make_global(&lab, &["renamed"]).await;
     let owner = client_as(&lab, &r[0], "app_owner").await;
     owner
